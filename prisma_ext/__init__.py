@@ -1,0 +1,46 @@
+"""prisma-ext: mechanistic interpretability for vision transformers on TransformerLens.
+
+`import prisma_ext as px; model = px.load("timm:vit_small_patch16_224")`. Heavy libraries (torch
+extensions, timm, transformer_lens) load on first use, so this import is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": ("prisma_ext.load", "load"),
+    "HookedViT": ("prisma_ext.hooked.vit", "HookedViT"),
+    "ViTConfig": ("prisma_ext.hooked.config", "ViTConfig"),
+    "ViTWeights": ("prisma_ext.hooked.weights", "ViTWeights"),
+    "BlockWeights": ("prisma_ext.hooked.weights", "BlockWeights"),
+    "TokenLayout": ("prisma_ext.layout", "TokenLayout"),
+    "register_adapter": ("prisma_ext.adapters", "register_adapter"),
+    "Adapter": ("prisma_ext.adapters", "Adapter"),
+    "errors": ("prisma_ext.errors", None),
+    "adapters": ("prisma_ext.adapters", None),
+    "data": ("prisma_ext.data", None),
+}
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapters import Adapter, register_adapter
+    from .hooked.config import ViTConfig
+    from .hooked.vit import HookedViT
+    from .hooked.weights import BlockWeights, ViTWeights
+    from .layout import TokenLayout
+    from .load import load
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'prisma_ext' has no attribute {name!r}")
+    module_path, attr = _LAZY[name]
+    module = importlib.import_module(module_path)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value

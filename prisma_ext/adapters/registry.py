@@ -1,0 +1,57 @@
+"""The adapter registry: `register_adapter` adds one; `adapter_for` finds the one for a module."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .base import Adapter
+
+_BUILTIN_MODULES = ("prisma_ext.adapters.timm_vit",)
+_user_adapters: list[Adapter] = []
+_builtin_adapters: list[Adapter] = []
+
+
+def register_adapter(adapter: Adapter | type[Adapter]) -> Adapter:
+    """Register an adapter (instance or class); user adapters are tried before built-in ones.
+
+    Usable as a class decorator. Returns the registered instance.
+    """
+    instance = adapter() if isinstance(adapter, type) else adapter
+    if not isinstance(instance, Adapter):
+        raise TypeError(f"an adapter must subclass prisma_ext.adapters.Adapter, got {type(instance).__name__}")
+    _user_adapters[:] = [a for a in _user_adapters if a.name != instance.name]
+    _user_adapters.insert(0, instance)
+    return instance if not isinstance(adapter, type) else adapter
+
+
+def unregister_adapter(name: str) -> None:
+    _user_adapters[:] = [a for a in _user_adapters if a.name != name]
+
+
+def _builtins() -> list[Adapter]:
+    if not _builtin_adapters:
+        for path in _BUILTIN_MODULES:
+            _builtin_adapters.extend(importlib.import_module(path).ADAPTERS)
+    return _builtin_adapters
+
+
+def list_adapters() -> list[str]:
+    return [a.name for a in _user_adapters + _builtins()]
+
+
+def adapter_for(module: nn.Module) -> Adapter:
+    """The first registered adapter that matches `module`, or UnsupportedModelError."""
+    for adapter in _user_adapters + _builtins():
+        if adapter.matches(module):
+            return adapter
+    for adapter in _builtins():
+        reason = getattr(adapter, "refusal", lambda m: None)(module)
+        if reason:
+            raise UnsupportedModelError(reason)
+    kind = f"{type(module).__module__}.{type(module).__qualname__}"
+    raise UnsupportedModelError(
+        f"no adapter recognises {kind}; registered adapters: {', '.join(list_adapters())}. "
+        "Write one with prisma_ext.adapters.register_adapter (see docs/adapters.md)")

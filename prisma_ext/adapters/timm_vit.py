@@ -1,0 +1,239 @@
+"""Adapter for timm's `VisionTransformer` family (plain, DeiT distilled, DINOv2 with registers,
+CLIP-style `norm_pre`, average-pooled with `fc_norm`, SigLIP's attention-pool `map` head)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..hooked.config import ViTConfig
+from ..hooked.weights import AttnPoolWeights, BlockWeights, ViTWeights
+from .base import Adapter, norm_params
+
+SUPPORTED_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
+# timm classes we know and refuse, with the feature that stops us
+REFUSED_CLASSES = {
+    "Eva": "rotary position embeddings (EVA / EVA-02)",
+    "SwinTransformer": "windowed, shifted attention (Swin)",
+    "SwinTransformerV2": "windowed attention with log-spaced position bias (Swin V2)",
+    "Beit": "relative position bias (BEiT)",
+    "VisionTransformerRelPos": "relative position bias",
+    "NaFlexVit": "variable-resolution patch packing (NaFlex)",
+    "VisionTransformerSAM": "windowed attention with relative positions (SAM)",
+    "Hiera": "hierarchical pooling attention (Hiera)",
+    "MaxxVit": "convolutional stages with block/grid attention (MaxViT)",
+}
+ACT_NAMES = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "ReLU": "relu",
+             "SiLU": "silu"}
+
+
+def _from_timm(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("timm.")
+
+
+def _act_name(act: nn.Module) -> str:
+    kind = type(act).__name__
+    if kind == "GELU" and getattr(act, "approximate", "none") == "tanh":
+        return "gelu_tanh"
+    if kind not in ACT_NAMES:
+        raise UnsupportedModelError(f"MLP activation {kind} is not supported (supported: "
+                                    f"{', '.join(sorted(ACT_NAMES))})")
+    return ACT_NAMES[kind]
+
+
+def _is_layer_norm(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and len(norm.normalized_shape) == 1
+
+
+def _norm_eps(norm: nn.Module, where: str, default: float = 1e-6) -> float:
+    if isinstance(norm, nn.Identity):
+        return default
+    if not _is_layer_norm(norm):
+        raise UnsupportedModelError(f"{where} is {type(norm).__name__}; only affine LayerNorm is supported")
+    return norm.eps
+
+
+def _bias(linear: nn.Linear):
+    return linear.bias
+
+
+class TimmViTAdapter(Adapter):
+    """timm `VisionTransformer` and `VisionTransformerDistilled`."""
+
+    name = "timm-vit"
+
+    def matches(self, module: nn.Module) -> bool:
+        return _from_timm(module) and type(module).__name__ in SUPPORTED_CLASSES
+
+    def refusal(self, module: nn.Module) -> str | None:
+        kind = type(module).__name__
+        if _from_timm(module) and kind in REFUSED_CLASSES:
+            return (f"timm {kind} is not supported: it uses {REFUSED_CLASSES[kind]}. Supported timm "
+                    f"classes: {', '.join(SUPPORTED_CLASSES)} (plain ViT, DeiT, DINOv2, CLIP-style, "
+                    "average-pooled and SigLIP map-head variants)")
+        if _from_timm(module):
+            return (f"timm {kind} is not supported; supported timm classes: {', '.join(SUPPORTED_CLASSES)}")
+        return None
+
+    # ---------------------------------------------------------------- checks
+    def check(self, m: nn.Module) -> None:
+        from timm.layers import PatchEmbed
+        from timm.layers.attention import Attention
+        from timm.layers.mlp import Mlp
+        from timm.models.vision_transformer import Block
+
+        def refuse(feature: str) -> None:
+            raise UnsupportedModelError(f"timm {type(m).__name__} ({self._arch(m)}): {feature} is not supported")
+
+        if type(m.patch_embed) is not PatchEmbed:
+            refuse(f"patch embedding {type(m.patch_embed).__name__} (hybrid CNN stems)")
+        if not isinstance(m.patch_embed.norm, nn.Identity):
+            refuse("a norm inside the patch embedding")
+        if m.patch_embed.dynamic_img_pad:
+            refuse("dynamic_img_pad")
+        if m.global_pool not in ("token", "avg", "map"):
+            refuse(f"global_pool={m.global_pool!r} (supported: token, avg, map)")
+        if m.global_pool == "map":
+            self._check_pool(m.attn_pool, refuse)
+        if type(m.norm_pre) not in (nn.Identity,) and not _is_layer_norm(m.norm_pre):
+            refuse(f"norm_pre {type(m.norm_pre).__name__}")
+        for i, blk in enumerate(m.blocks):
+            if type(blk) is not Block:
+                refuse(f"block type {type(blk).__name__} (blocks.{i})")
+            attn = blk.attn
+            if type(attn) is not Attention:
+                refuse(f"attention type {type(attn).__name__}")
+            if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+                refuse("qk_norm (normalised queries and keys)")
+            if not isinstance(attn.norm, nn.Identity):
+                refuse("scale_attn_norm (a norm inside attention)")
+            if getattr(attn, "gate", None) is not None:
+                refuse("gated attention")
+            if type(blk.mlp) is not Mlp:
+                refuse(f"MLP type {type(blk.mlp).__name__} (e.g. SwiGLU)")
+            if not isinstance(blk.mlp.norm, nn.Identity):
+                refuse("scale_mlp_norm (a norm inside the MLP)")
+            _act_name(blk.mlp.act)
+            for name in ("norm1", "norm2"):
+                _norm_eps(getattr(blk, name), f"blocks.{i}.{name}")
+
+    @staticmethod
+    def _check_pool(pool: nn.Module, refuse) -> None:
+        from timm.layers import AttentionPoolLatent
+
+        if type(pool) is not AttentionPoolLatent:
+            refuse(f"attention pool {type(pool).__name__}")
+        if pool.pos_embed is not None:
+            refuse("a position embedding inside the attention pool")
+        if not (isinstance(pool.q_norm, nn.Identity) and isinstance(pool.k_norm, nn.Identity)):
+            refuse("qk_norm in the attention pool")
+        if pool.pool != "token" or pool.mlp is None or isinstance(pool.q, nn.Identity):
+            refuse("an attention pool without its query projection, MLP or token output")
+
+    @staticmethod
+    def _arch(m: nn.Module) -> str:
+        return (getattr(m, "pretrained_cfg", None) or {}).get("architecture", "custom config")
+
+    # ---------------------------------------------------------------- config
+    def config(self, m: nn.Module) -> ViTConfig:
+        blk = m.blocks[0]
+        n_heads, d_head = blk.attn.num_heads, blk.attn.head_dim
+        pre_cfg = getattr(m, "pretrained_cfg", None) or {}
+        arch = pre_cfg.get("architecture", "")
+        tag = pre_cfg.get("tag")
+        final_norm = "pooled" if not isinstance(m.fc_norm, nn.Identity) else (
+            "tokens" if not isinstance(m.norm, nn.Identity) else "none")
+        final = m.fc_norm if final_norm == "pooled" else m.norm
+        n_dist = 1 if getattr(m, "dist_token", None) is not None else 0
+        return ViTConfig(
+            d_model=m.embed_dim,
+            n_layers=len(m.blocks),
+            n_heads=n_heads,
+            d_head=d_head,
+            d_mlp=blk.mlp.fc1.out_features,
+            n_classes=m.head.out_features if isinstance(m.head, nn.Linear) else 0,
+            img_size=tuple(m.patch_embed.img_size),
+            patch_size=tuple(m.patch_embed.patch_size),
+            in_chans=m.patch_embed.proj.in_channels,
+            act_fn=_act_name(blk.mlp.act),
+            eps=_norm_eps(blk.norm1, "blocks.0.norm1"),
+            eps_final=_norm_eps(final, "the final norm"),
+            eps_pre=_norm_eps(m.norm_pre, "norm_pre"),
+            n_cls=1 if m.cls_token is not None else 0,
+            n_dist=n_dist,
+            n_reg=m.num_reg_tokens,
+            has_pos_embed=m.pos_embed is not None,
+            pos_embed_on_prefix=not m.no_embed_class,
+            pos_embed_grid=tuple(m.patch_embed.grid_size),
+            dynamic_img_size=bool(m.dynamic_img_size),
+            ln_pre=not isinstance(m.norm_pre, nn.Identity),
+            global_pool=m.global_pool,
+            final_norm=final_norm,
+            pool_include_prefix=bool(m.pool_include_prefix),
+            attn_pool_heads=m.attn_pool.num_heads if m.global_pool == "map" else 0,
+            attn_pool_latent_len=m.attn_pool.latent_len if m.global_pool == "map" else 1,
+            attn_pool_d_mlp=m.attn_pool.mlp.fc1.out_features if m.global_pool == "map" else 0,
+            source=f"timm:{arch}{'.' + tag if tag else ''}" if arch else "timm",
+            mean=tuple(pre_cfg.get("mean", (0.5, 0.5, 0.5))),
+            std=tuple(pre_cfg.get("std", (0.5, 0.5, 0.5))),
+            crop_pct=float(pre_cfg.get("crop_pct", 1.0) or 1.0),
+            dtype=m.patch_embed.proj.weight.dtype,
+            device=m.patch_embed.proj.weight.device,
+        )
+
+    # ---------------------------------------------------------------- weights
+    def weights(self, m: nn.Module) -> ViTWeights:
+        blocks = []
+        for blk in m.blocks:
+            blocks.append(BlockWeights(
+                ln1=norm_params(blk.norm1),
+                qkv_w=blk.attn.qkv.weight, qkv_b=_bias(blk.attn.qkv),
+                proj_w=blk.attn.proj.weight, proj_b=_bias(blk.attn.proj),
+                ln2=norm_params(blk.norm2),
+                fc1_w=blk.mlp.fc1.weight, fc1_b=_bias(blk.mlp.fc1),
+                fc2_w=blk.mlp.fc2.weight, fc2_b=_bias(blk.mlp.fc2),
+                ls1=getattr(blk.ls1, "gamma", None), ls2=getattr(blk.ls2, "gamma", None),
+            ))
+        final = m.fc_norm if not isinstance(m.fc_norm, nn.Identity) else m.norm
+        dist_head = getattr(m, "head_dist", None)
+        return ViTWeights(
+            patch_w=m.patch_embed.proj.weight,
+            patch_b=m.patch_embed.proj.bias,
+            cls=m.cls_token.reshape(-1) if m.cls_token is not None else None,
+            dist=m.dist_token.reshape(-1) if getattr(m, "dist_token", None) is not None else None,
+            reg=m.reg_token.reshape(-1, m.embed_dim) if m.reg_token is not None else None,
+            pos_embed=m.pos_embed.reshape(-1, m.embed_dim) if m.pos_embed is not None else None,
+            ln_pre=norm_params(m.norm_pre),
+            blocks=blocks,
+            ln_final=norm_params(final),
+            head_w=m.head.weight if isinstance(m.head, nn.Linear) else None,
+            head_b=m.head.bias if isinstance(m.head, nn.Linear) else None,
+            head_dist_w=dist_head.weight if isinstance(dist_head, nn.Linear) else None,
+            head_dist_b=dist_head.bias if isinstance(dist_head, nn.Linear) else None,
+            attn_pool=self._pool_weights(m.attn_pool) if m.global_pool == "map" else None,
+        )
+
+    @staticmethod
+    def _pool_weights(pool: nn.Module) -> AttnPoolWeights:
+        return AttnPoolWeights(
+            latent=pool.latent.reshape(pool.latent_len, -1),
+            q_w=pool.q.weight, q_b=pool.q.bias, kv_w=pool.kv.weight, kv_b=pool.kv.bias,
+            proj_w=pool.proj.weight, proj_b=pool.proj.bias, norm=norm_params(pool.norm),
+            fc1_w=pool.mlp.fc1.weight, fc1_b=pool.mlp.fc1.bias,
+            fc2_w=pool.mlp.fc2.weight, fc2_b=pool.mlp.fc2.bias,
+        )
+
+    def class_names(self, m: nn.Module) -> list[str] | None:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(m)
+        if not subset:
+            return None
+        info = ImageNetInfo(subset)
+        n = getattr(m, "num_classes", 0)
+        if info.num_classes() != n:
+            return None
+        return [info.index_to_description(i).split(",")[0].strip() for i in range(n)]
+
+
+ADAPTERS = [TimmViTAdapter()]

@@ -1,0 +1,199 @@
+"""The ``prisma-ext`` command.
+
+``prisma-ext inspect`` (the default command) loads a vision transformer, prints its
+architecture, token layout and every hook site with its activation shape, then classifies one
+image and prints the top-k classes.
+
+Bad input (a missing or unreadable image, an unknown model) ends with one line on stderr,
+``prisma-ext: error: ...``, and exit status 2, the same as argparse's usage errors.
+
+Heavy libraries (torch, timm, transformer_lens) are imported inside the functions that need
+them, so ``import prisma_ext.cli`` and ``prisma-ext --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+PROG = "prisma-ext"
+DEFAULT_MODEL = "timm:vit_tiny_patch16_224"
+DEFAULT_IMAGE = "chelsea"  # scikit-image's cat
+COMMANDS = ("inspect",)
+
+
+class _UsageError(ValueError):
+    """Bad command-line input found after parsing (reported like any other input error)."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PROG)
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Mechanistic interpretability for vision transformers.",
+        epilog=f"Without a command, `{PROG}` runs `{PROG} inspect`.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "inspect",
+        help="print a model's architecture, token layout, hook sites and top-k prediction",
+        description=(
+            "Load a vision transformer as a HookedViT, print its architecture summary, token "
+            "layout and every hook site with its shape (batch size 1), then classify one image."
+        ),
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model source, e.g. timm:vit_small_patch16_224 (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="use the source's pretrained weights (downloads them if they are not cached); "
+        "default: random weights, so the prediction is meaningless",
+    )
+    p.add_argument(
+        "--image",
+        default=None,
+        metavar="PATH",
+        help="image file to classify (default: scikit-image's 'chelsea' cat photo)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=5,
+        metavar="K",
+        help="how many classes to print (default: 5)",
+    )
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def _read_image(path: str | None):
+    from prisma_ext.data import load_image, sample_image
+
+    if path is None:
+        return sample_image(DEFAULT_IMAGE), f"sample image {DEFAULT_IMAGE!r} (scikit-image)"
+    return load_image(path), path
+
+
+def _site_table(shapes: dict) -> str:
+    if not shapes:
+        return "(no hook sites)"
+    width = max(len(name) for name in shapes)
+    rows = [f"{'site':<{width}}  shape", f"{'-' * width}  {'-' * 5}"]
+    for name, shape in shapes.items():
+        rows.append(f"{name:<{width}}  ({', '.join(str(int(d)) for d in shape)})")
+    return "\n".join(rows)
+
+
+def _top_k_lines(probs, k: int, class_names: Sequence[str] | None) -> list[str]:
+    import torch
+
+    k = min(k, probs.shape[-1])
+    values, indices = torch.topk(probs, k)
+    lines = []
+    for rank, (p, i) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
+        if class_names is not None and i < len(class_names):
+            label = f"{class_names[i]} (class {i})"
+        else:
+            label = f"class {i}"
+        lines.append(f"{rank:>3}. {p:7.2%}  {label}")
+    return lines
+
+
+def _section(title: str) -> None:
+    print(f"\n== {title} ==")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise _UsageError(f"--top-k must be at least 1, got {args.top_k}")
+
+    # Read the image first: a bad path fails in a moment, before the heavy imports.
+    img, img_desc = _read_image(args.image)
+
+    import torch
+
+    import prisma_ext as px
+
+    weights = "pretrained" if args.pretrained else "random"
+    print(f"{PROG} inspect: {args.model} ({weights} weights)")
+    model = px.load(args.model, pretrained=args.pretrained)
+    model.eval()
+
+    _section("architecture")
+    print(model.summary())
+
+    _section("token layout")
+    print(model.layout.describe())
+
+    shapes = model.site_shapes()
+    _section(f"hook sites ({len(shapes)}, batch size 1)")
+    print(_site_table(shapes))
+
+    x = model.preprocess(img)
+    with torch.inference_mode():
+        logits = model(x)
+    probs = torch.softmax(logits.float(), dim=-1)[0]
+    k = min(args.top_k, probs.shape[-1])
+    h, w = img.shape[:2]
+    _section(f"top-{k} prediction")
+    print(f"image: {img_desc} ({h}x{w}), model input {tuple(x.shape)}")
+    if not args.pretrained:
+        print("(random weights: these classes mean nothing; pass --pretrained for real ones)")
+    for line in _top_k_lines(probs, k, model.class_names):
+        print(line)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `prisma-ext` and `prisma-ext --model ...` mean `prisma-ext inspect ...`.
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["inspect", *argv]
+    args = build_parser().parse_args(argv)  # usage errors: argparse exits with status 2
+
+    from prisma_ext.errors import PrismaError
+
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # e.g. `prisma-ext inspect | head`
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except (PrismaError, ValueError, OSError) as exc:
+        # Bad input: unknown model, missing or unreadable image, weights that cannot be fetched.
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

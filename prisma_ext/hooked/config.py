@@ -1,0 +1,90 @@
+"""Configuration of a HookedViT: the architecture, its token layout and the weight processing.
+
+The field names TransformerLens's `ActivationCache` reads (`n_layers`, `n_heads`, `d_model`,
+`d_mlp`, `attn_only`, `normalization_type`, `final_rms`, `device`) keep their TL meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+from ..layout import TokenLayout
+
+ActFn = Literal["gelu", "gelu_tanh", "quick_gelu", "relu", "silu"]
+Pool = Literal["token", "avg", "map"]
+FinalNorm = Literal["tokens", "pooled", "none"]
+
+
+@dataclass
+class ViTConfig:
+    """Everything needed to build a HookedViT (weights come separately, see `ViTWeights`).
+
+    `pos_embed_on_prefix`: the position embedding has rows for the prefix tokens too (timm's
+    default); False when only patches get positions (timm's `no_embed_class`, DINOv2 registers).
+    `final_norm`: "tokens" normalises every token before pooling (timm's `norm`), "pooled"
+    normalises the pooled vector (timm's `fc_norm`), "none" has no final norm.
+    """
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_mlp: int
+    n_classes: int
+    img_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    in_chans: int = 3
+    act_fn: ActFn = "gelu"
+    eps: float = 1e-6
+    eps_final: float = 1e-6
+    eps_pre: float = 1e-6
+    n_cls: int = 1
+    n_dist: int = 0
+    n_reg: int = 0
+    has_pos_embed: bool = True
+    pos_embed_on_prefix: bool = True
+    pos_embed_grid: tuple[int, int] | None = None
+    dynamic_img_size: bool = False
+    ln_pre: bool = False
+    global_pool: Pool = "token"
+    final_norm: FinalNorm = "tokens"
+    pool_include_prefix: bool = False
+    attn_pool_heads: int = 0
+    attn_pool_latent_len: int = 1
+    attn_pool_d_mlp: int = 0  # 0: same as d_mlp
+    crop_pct: float = 1.0
+    # weight processing (TransformerLens's options)
+    fold_ln: bool = False
+    center_writing_weights: bool = False
+    fold_value_biases: bool = False
+    use_attn_result: bool = False
+    # where the model came from and how it wants its images
+    source: str = ""
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # TransformerLens compatibility
+    attn_only: bool = False
+    final_rms: bool = False
+    positional_embedding_type: str = "standard"
+    device: torch.device | str = field(default="cpu")
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def normalization_type(self) -> str:
+        """TL's name for the block norms: LNPre once their affine part is folded away."""
+        return "LNPre" if self.fold_ln else "LN"
+
+    @property
+    def layout(self) -> TokenLayout:
+        grid = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        return TokenLayout(self.n_cls, self.n_dist, self.n_reg, grid, self.patch_size, self.img_size)
+
+    @property
+    def n_prefix(self) -> int:
+        return self.n_cls + self.n_dist + self.n_reg
+
+    def replace(self, **changes) -> ViTConfig:
+        return replace(self, **changes)

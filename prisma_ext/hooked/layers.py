@@ -1,0 +1,162 @@
+"""Hooked building blocks: LayerNorm, attention, MLP and the pre-norm block.
+
+Hook names follow TransformerLens. Each layer takes a fast path (fused kernels) when none of
+the hook points that the fused kernel would skip has a hook attached, and the explicit path,
+computing and passing every intermediate through its hook point, when one has.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformer_lens.FactoredMatrix import FactoredMatrix
+from transformer_lens.hook_points import HookPoint
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def is_hooked(*points: HookPoint) -> bool:
+    """Whether any forward or backward hook (TL's or plain torch's) sits on these points."""
+    return any(p._forward_hooks or p._backward_hooks or p._backward_pre_hooks
+               or p._forward_pre_hooks for p in points)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis; `affine=False` is TL's LNPre (weights folded away).
+
+    Sites: `hook_scale` [..., 1] (sqrt(var + eps)) and `hook_normalized` [..., d] (the output).
+    """
+
+    def __init__(self, d: int, eps: float, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d)) if affine else None
+        self.b = nn.Parameter(torch.zeros(d)) if affine else None
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not is_hooked(self.hook_scale, self.hook_normalized):
+            return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        x = x / scale
+        if self.w is not None:
+            x = x * self.w + self.b
+        return self.hook_normalized(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with fused qkv and output projections (nn.Linear layout).
+
+    Sites: `hook_q/k/v` and `hook_z` [batch, pos, head, d_head]; `hook_attn_scores` and
+    `hook_pattern` [batch, head, query, key]; `hook_result` [batch, pos, head, d_model] when
+    `use_attn_result`. TL's weight views: `W_Q/W_K/W_V` [head, d_model, d_head], `W_O`
+    [head, d_head, d_model], biases `b_Q/b_K/b_V` [head, d_head] and `b_O` [d_model].
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_head: int, use_attn_result: bool = False):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_head
+        self.use_attn_result = use_attn_result
+        self.qkv = nn.Linear(d_model, 3 * n_heads * d_head)
+        self.proj = nn.Linear(n_heads * d_head, d_model)
+        for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    # -- TransformerLens weight views (they share storage with the parameters) --
+    def _qkv_rows(self, i: int) -> slice:
+        hd = self.n_heads * self.d_head
+        return slice(i * hd, (i + 1) * hd)
+
+    def _w_in(self, i: int) -> Tensor:
+        w = self.qkv.weight[self._qkv_rows(i)]
+        return w.view(self.n_heads, self.d_head, -1).transpose(1, 2)
+
+    def _b_in(self, i: int) -> Tensor:
+        return self.qkv.bias[self._qkv_rows(i)].view(self.n_heads, self.d_head)
+
+    W_Q = property(lambda self: self._w_in(0))
+    W_K = property(lambda self: self._w_in(1))
+    W_V = property(lambda self: self._w_in(2))
+    b_Q = property(lambda self: self._b_in(0))
+    b_K = property(lambda self: self._b_in(1))
+    b_V = property(lambda self: self._b_in(2))
+    W_O = property(lambda self: self.proj.weight.T.view(self.n_heads, self.d_head, -1))
+    b_O = property(lambda self: self.proj.bias)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, pos, _ = x.shape
+        qkv = self.qkv(x).view(batch, pos, 3, self.n_heads, self.d_head)
+        q, k, v = (hp(t) for hp, t in zip((self.hook_q, self.hook_k, self.hook_v), qkv.unbind(2)))
+        if is_hooked(self.hook_attn_scores, self.hook_pattern):
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.d_head ** -0.5
+            pattern = self.hook_pattern(self.hook_attn_scores(scores).softmax(dim=-1))
+            z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+        else:
+            z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            z = z.transpose(1, 2)
+        z = self.hook_z(z)
+        if self.use_attn_result:
+            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            return result.sum(dim=-2) + self.proj.bias
+        return self.proj(z.reshape(batch, pos, self.n_heads * self.d_head))
+
+
+class MLP(nn.Module):
+    """Two-layer MLP. Sites: `hook_pre` and `hook_post` [batch, pos, d_mlp].
+
+    TL's weight views: `W_in` [d_model, d_mlp], `b_in`, `W_out` [d_mlp, d_model], `b_out`.
+    """
+
+    def __init__(self, d_model: int, d_mlp: int, act_fn: str):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_mlp)
+        self.fc2 = nn.Linear(d_mlp, d_model)
+        self.act = ACTIVATIONS[act_fn]
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
+
+    W_in = property(lambda self: self.fc1.weight.T)
+    b_in = property(lambda self: self.fc1.bias)
+    W_out = property(lambda self: self.fc2.weight.T)
+    b_out = property(lambda self: self.fc2.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.hook_post(self.act(self.hook_pre(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm block. Sites: `hook_resid_pre/mid/post`, `hook_attn_out`, `hook_mlp_out`
+    [batch, pos, d_model]; `attn_out`/`mlp_out` are what is added to the residual stream
+    (layer scale already folded into the output projections)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        affine = not cfg.fold_ln
+        self.ln1 = LayerNorm(cfg.d_model, cfg.eps, affine)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.use_attn_result)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.eps, affine)
+        self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
+        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def forward(self, resid: Tensor) -> Tensor:
+        resid = self.hook_resid_pre(resid)
+        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(self.ln1(resid))))
+        return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))

@@ -1,0 +1,112 @@
+"""TransformerLens's weight processing, done on canonical weights before the model is built.
+
+Each step leaves the model's logits unchanged (tests check this against the source model):
+- `fold_layer_scale`: layer-scale gammas go into the output projections (always applied).
+- `fold_ln`: a norm's weight and bias go into the linear maps that read it; the norm becomes
+  centre-and-scale only (TL's "LNPre"). ln_pre writes the residual stream, so it stays.
+- `center_writing_weights`: whatever writes to the residual stream is made mean-zero over
+  d_model. Every reader is a LayerNorm, which removes the mean anyway.
+- `fold_value_biases`: the value bias gives every head a constant output (pattern rows sum to 1),
+  so it moves into the output bias.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import PrismaError
+from .config import ViTConfig
+from .weights import BlockWeights, Norm, ViTWeights
+
+
+def _bias(b: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros(like.shape[0], dtype=like.dtype, device=like.device) if b is None else b
+
+
+def fold_layer_scale(weights: ViTWeights) -> None:
+    for blk in weights.blocks:
+        if blk.ls1 is not None:
+            blk.proj_w = blk.proj_w * blk.ls1[:, None]
+            blk.proj_b = _bias(blk.proj_b, blk.proj_w) * blk.ls1
+            blk.ls1 = None
+        if blk.ls2 is not None:
+            blk.fc2_w = blk.fc2_w * blk.ls2[:, None]
+            blk.fc2_b = _bias(blk.fc2_b, blk.fc2_w) * blk.ls2
+            blk.ls2 = None
+
+
+def _fold_norm_into(norm: Norm, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Fold y = (n * g + beta) into the linear map x -> x W^T + b; centre over the input."""
+    g, beta = norm
+    new_b = _bias(b, w) + w @ beta
+    new_w = w * g[None, :]
+    return new_w - new_w.mean(dim=1, keepdim=True), new_b
+
+
+def fold_ln(weights: ViTWeights, cfg: ViTConfig) -> None:
+    for blk in weights.blocks:
+        blk.qkv_w, blk.qkv_b = _fold_norm_into(blk.ln1, blk.qkv_w, blk.qkv_b)
+        blk.fc1_w, blk.fc1_b = _fold_norm_into(blk.ln2, blk.fc1_w, blk.fc1_b)
+        blk.ln1 = blk.ln2 = None
+    if weights.ln_final is None:
+        return
+    if cfg.global_pool == "map":
+        pool = weights.attn_pool
+        pool.kv_w, pool.kv_b = _fold_norm_into(weights.ln_final, pool.kv_w, pool.kv_b)
+    else:
+        weights.head_w, weights.head_b = _fold_norm_into(weights.ln_final, weights.head_w, weights.head_b)
+        if weights.head_dist_w is not None:
+            weights.head_dist_w, weights.head_dist_b = _fold_norm_into(
+                weights.ln_final, weights.head_dist_w, weights.head_dist_b
+            )
+    weights.ln_final = None
+
+
+def _centred(t: Tensor | None, dim: int = -1) -> Tensor | None:
+    return None if t is None else t - t.mean(dim=dim, keepdim=True)
+
+
+def center_writing_weights(weights: ViTWeights, cfg: ViTConfig) -> None:
+    if cfg.final_norm == "none":
+        raise PrismaError(
+            "center_writing_weights needs a final norm (the head reads the residual stream "
+            "directly in this model, so centring would change the logits)"
+        )
+    weights.patch_w = _centred(weights.patch_w, dim=0)
+    if weights.patch_b is not None:
+        weights.patch_b = _centred(weights.patch_b)
+    weights.cls, weights.dist, weights.reg = (_centred(t) for t in (weights.cls, weights.dist, weights.reg))
+    weights.pos_embed = _centred(weights.pos_embed)
+    for blk in weights.blocks:
+        blk.proj_w = _centred(blk.proj_w, dim=0)
+        blk.proj_b = _centred(_bias(blk.proj_b, blk.proj_w))
+        blk.fc2_w = _centred(blk.fc2_w, dim=0)
+        blk.fc2_b = _centred(_bias(blk.fc2_b, blk.fc2_w))
+
+
+def fold_value_biases(weights: ViTWeights) -> None:
+    for blk in weights.blocks:
+        if blk.qkv_b is None:
+            continue
+        hd = blk.qkv_w.shape[0] // 3
+        v_b = blk.qkv_b[2 * hd:]
+        blk.proj_b = _bias(blk.proj_b, blk.proj_w) + blk.proj_w @ v_b
+        blk.qkv_b = torch.cat([blk.qkv_b[: 2 * hd], torch.zeros_like(v_b)])
+
+
+def process_weights(weights: ViTWeights, cfg: ViTConfig) -> None:
+    """Apply, in TL's order, the processing `cfg` asks for (in place on `weights`)."""
+    fold_layer_scale(weights)
+    if cfg.fold_ln:
+        if any(b.ln1 is None or b.ln2 is None for b in weights.blocks):
+            raise PrismaError("fold_ln: these weights have no block norms to fold")
+        fold_ln(weights, cfg)
+    if cfg.center_writing_weights:
+        center_writing_weights(weights, cfg)
+    if cfg.fold_value_biases:
+        fold_value_biases(weights)
+
+
+__all__ = ["process_weights", "fold_layer_scale", "fold_ln", "center_writing_weights",
+           "fold_value_biases", "BlockWeights"]

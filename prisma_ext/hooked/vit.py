@@ -1,0 +1,333 @@
+"""HookedViT: a TransformerLens `HookedRootModule` for ViT classifiers with any token layout."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.FactoredMatrix import FactoredMatrix
+from transformer_lens.hook_points import HookPoint
+
+from ..errors import PrismaError, UnknownNameError, suggest
+from ..layout import TokenLayout
+from .config import ViTConfig
+from .embed import Embedding
+from .inputs import check_images
+from .layers import Block, LayerNorm
+from .load_weights import load_into
+from .processing import process_weights
+from .readout import AttentionPool
+from .weights import ViTWeights, detached_copy
+
+
+class HookedViT(HookedRootModule):
+    """A ViT classifier with TransformerLens hook points and weight views.
+
+    Build it with `prisma_ext.load(...)` or `HookedViT.from_weights(cfg, weights)`.
+    `model(images)` gives logits [batch, n_classes]; `run_with_cache` gives an `ActivationCache`.
+    Sites: `hook_patch_embed` [batch, n_patches, d_model]; `hook_embed` and `hook_pos_embed`
+    [batch, pos, d_model] (their sum enters the residual stream; with a pre-norm, `hook_full_embed`
+    is that sum, `ln_pre` normalises it and `hook_embed` is the result, with no `hook_pos_embed`);
+    per block the TL sites of `Block`; `ln_final.hook_scale/hook_normalized`; `hook_pooled`
+    [batch, d_model] (the head's input; [batch, 2, d_model] for a distilled model).
+    """
+
+    def __init__(self, cfg: ViTConfig, class_names: Sequence[str] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.class_names = list(class_names) if class_names is not None else None
+        self.embed = Embedding(cfg)
+        self.hook_patch_embed = HookPoint()
+        self.hook_embed = HookPoint()
+        if cfg.ln_pre:
+            self.hook_full_embed = HookPoint()
+            self.ln_pre = LayerNorm(cfg.d_model, cfg.eps_pre)
+        else:
+            self.hook_pos_embed = HookPoint()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        if cfg.final_norm != "none":
+            self.ln_final = LayerNorm(cfg.d_model, cfg.eps_final, affine=not cfg.fold_ln)
+        if cfg.global_pool == "map":
+            self.attn_pool = AttentionPool(cfg.d_model, cfg.attn_pool_heads, cfg.attn_pool_latent_len,
+                                           cfg.attn_pool_d_mlp or cfg.d_mlp, cfg.act_fn, cfg.eps, has_norm=True)
+        self.hook_pooled = HookPoint()
+        self.head = nn.Linear(cfg.d_model, cfg.n_classes) if cfg.n_classes else None
+        if cfg.n_dist:
+            self.head_dist = nn.Linear(cfg.d_model, cfg.n_classes)
+        self.setup()
+
+    @classmethod
+    def from_weights(cls, cfg: ViTConfig, weights: ViTWeights,
+                     class_names: Sequence[str] | None = None) -> HookedViT:
+        """Process a copy of `weights` as `cfg` asks (fold_ln, ...) and build the model."""
+        weights = detached_copy(weights, dtype=cfg.dtype)
+        process_weights(weights, cfg)
+        model = cls(cfg, class_names)
+        load_into(model, weights)
+        return model.to(device=cfg.device, dtype=cfg.dtype).eval()
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def layout(self) -> TokenLayout:
+        return self.cfg.layout
+
+    def forward(self, images: Tensor, return_type: str | None = "logits") -> Tensor | None:
+        """images [batch, channels, height, width] -> logits [batch, n_classes].
+
+        `return_type`: "logits", "pooled" (the head's input), "resid" (the final residual
+        stream [batch, pos, d_model]) or None (run for the hooks only).
+        """
+        check_images(images, self.cfg)
+        resid = self._embed(images)
+        for block in self.blocks:
+            resid = block(resid)
+        if return_type == "resid":
+            return resid
+        pooled = self.hook_pooled(self._pool(resid))
+        if return_type == "pooled":
+            return pooled
+        if return_type is None:
+            return None
+        if return_type != "logits":
+            raise PrismaError(f"return_type must be 'logits', 'pooled', 'resid' or None, got {return_type!r}")
+        if self.head is None:
+            return pooled
+        if self.cfg.n_dist:
+            return (self.head(pooled[:, 0]) + self.head_dist(pooled[:, 1])) / 2
+        return self.head(pooled)
+
+    def _embed(self, images: Tensor) -> Tensor:
+        patches, prefix, pos = self.embed(images)
+        tokens = self.hook_patch_embed(patches)
+        if prefix is not None:
+            tokens = torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        batch_pos = pos.expand(tokens.shape[0], -1, -1) if pos is not None else torch.zeros_like(tokens)
+        if self.cfg.ln_pre:
+            return self.hook_embed(self.ln_pre(self.hook_full_embed(tokens + batch_pos)))
+        return self.hook_embed(tokens) + self.hook_pos_embed(batch_pos)
+
+    def _pool(self, resid: Tensor) -> Tensor:
+        cfg = self.cfg
+        if cfg.final_norm == "tokens":
+            resid = self.ln_final(resid)
+        start = 0 if cfg.pool_include_prefix else cfg.n_prefix
+        if cfg.global_pool == "token":
+            pooled = resid[:, : 1 + cfg.n_dist] if cfg.n_dist else resid[:, 0]
+        elif cfg.global_pool == "avg":
+            pooled = resid[:, start:].mean(dim=1)
+        else:
+            pooled = self.attn_pool(resid[:, start:])[:, 0]
+        if cfg.final_norm == "pooled":
+            pooled = self.ln_final(pooled.unsqueeze(1)).squeeze(1)
+        return pooled
+
+    # ------------------------------------------------------------------ hooks
+    def _check_site(self, name: str | Callable) -> None:
+        if isinstance(name, str) and name not in self.hook_dict:
+            raise UnknownNameError(suggest(name, self.hook_dict, "site") +
+                                   f" (model {self.cfg.source or 'HookedViT'})")
+
+    def check_hooks_to_add(self, hook_point, hook_point_name, hook, dir="fwd", is_permanent=False,
+                           prepend=False) -> None:
+        self._check_site(hook_point_name)
+
+    def _enable_hook_with_name(self, name: str, hook: Callable, dir) -> None:
+        self._check_site(name)
+        super()._enable_hook_with_name(name, hook, dir)
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        self._check_site(name)
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def run_with_cache(self, *args, names_filter=None, return_cache_object: bool = True, **kwargs):
+        """TL's run_with_cache; returns (output, ActivationCache). Unknown names raise."""
+        for name in [names_filter] if isinstance(names_filter, str) else (
+                names_filter if isinstance(names_filter, (list, tuple)) else []):
+            self._check_site(name)
+        if isinstance(names_filter, tuple):
+            names_filter = list(names_filter)
+        out, cache = super().run_with_cache(*args, names_filter=names_filter, **kwargs)
+        if return_cache_object:
+            cache = ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        return out, cache
+
+    def site_shapes(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
+        """Every site name with its activation shape, from one forward pass on zeros."""
+        x = torch.zeros(batch_size, self.cfg.in_chans, *self.cfg.img_size,
+                        device=self.cfg.device, dtype=self.cfg.dtype)
+        with torch.no_grad():
+            _, cache = self.run_with_cache(x, return_cache_object=False)
+        return {name: tuple(t.shape) for name, t in cache.items()}
+
+    # ------------------------------------------------------------------ TL weight views
+    def _stack(self, attr: str, part: str = "attn") -> Tensor:
+        return torch.stack([getattr(getattr(b, part), attr) for b in self.blocks])
+
+    W_Q = property(lambda self: self._stack("W_Q"))
+    W_K = property(lambda self: self._stack("W_K"))
+    W_V = property(lambda self: self._stack("W_V"))
+    W_O = property(lambda self: self._stack("W_O"))
+    b_Q = property(lambda self: self._stack("b_Q"))
+    b_K = property(lambda self: self._stack("b_K"))
+    b_V = property(lambda self: self._stack("b_V"))
+    b_O = property(lambda self: self._stack("b_O"))
+    W_in = property(lambda self: self._stack("W_in", "mlp"))
+    W_out = property(lambda self: self._stack("W_out", "mlp"))
+    b_in = property(lambda self: self._stack("b_in", "mlp"))
+    b_out = property(lambda self: self._stack("b_out", "mlp"))
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    @property
+    def W_E(self) -> Tensor:
+        """The patch embedding as a matrix [in_chans * ph * pw, d_model]."""
+        return self.embed.proj.weight.flatten(1).T
+
+    @property
+    def W_pos(self) -> Tensor:
+        return self.embed.pos_embed
+
+    @property
+    def W_U(self) -> Tensor:
+        """The classifier as an unembedding [d_model, n_classes] (final norm's weight folded
+        in when `fold_ln`). For a distilled model this is the class-token head; the
+        distillation head is `W_U_dist`."""
+        if self.head is None:
+            raise PrismaError("this model has no classifier head (n_classes=0): its output is the pooled "
+                              "features, so there is no unembedding")
+        return self.head.weight.T
+
+    @property
+    def b_U(self) -> Tensor:
+        return self.W_U.new_zeros(0) if self.head is None else self.head.bias
+
+    @property
+    def W_U_dist(self) -> Tensor:
+        return self.head_dist.weight.T
+
+    @property
+    def b_U_dist(self) -> Tensor:
+        return self.head_dist.bias
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False,
+                         include_mlp_biases: bool = True) -> Tensor:
+        """Sum of the attention and MLP output biases written before `layer` [d_model]."""
+        ref = self.blocks[0].attn.b_O
+        total = torch.zeros(self.cfg.d_model, device=ref.device, dtype=ref.dtype)
+        for i in range(layer):
+            total = total + self.blocks[i].attn.b_O
+            if include_mlp_biases:
+                total = total + self.blocks[i].mlp.b_out
+        if mlp_input:
+            if layer >= self.cfg.n_layers:
+                raise PrismaError(f"mlp_input needs layer < {self.cfg.n_layers}, got {layer}")
+            total = total + self.blocks[layer].attn.b_O
+        return total
+
+    def to_single_token(self, class_name: str | int) -> int:
+        """A class index from its name (or the index itself)."""
+        if isinstance(class_name, int):
+            if not 0 <= class_name < self.cfg.n_classes:
+                raise PrismaError(f"class index {class_name} out of range [0, {self.cfg.n_classes})")
+            return class_name
+        names = self.class_names or []
+        if class_name in names:
+            return names.index(class_name)
+        raise UnknownNameError(suggest(class_name, names, "class"))
+
+    def _final_affine(self) -> tuple[Tensor | None, Tensor | None]:
+        ln = getattr(self, "ln_final", None)
+        return (ln.w, ln.b) if ln is not None and ln.w is not None else (None, None)
+
+    def _require_linear_readout(self, what: str) -> None:
+        if self.cfg.global_pool == "map":
+            raise PrismaError(
+                f"{what}: this model pools tokens with an attention head (global_pool='map'), which "
+                "is not linear in the residual stream; read `hook_pooled` or the attn_pool sites "
+                "instead of residual directions")
+
+    def _class_ids(self, tokens) -> Tensor:
+        if isinstance(tokens, (str, int)):
+            return torch.tensor(self.to_single_token(tokens))
+        if isinstance(tokens, Tensor):
+            return tokens.long()
+        return torch.tensor([self.to_single_token(t) for t in tokens])
+
+    def tokens_to_residual_directions(self, tokens) -> Tensor:
+        """Residual directions of classes: [d_model] for one class, [..., d_model] for a tensor.
+
+        A direction is what a centred, scale-divided final residual vector is dotted with to
+        give the class logit (less its bias), i.e. `W_U[:, c]` with the final norm's weight
+        multiplied in when it is not folded. TL's `logit_attrs` uses these.
+        """
+        self._require_linear_readout("tokens_to_residual_directions")
+        w, _ = self._final_affine()
+        W = self.W_U if w is None else w[:, None] * self.W_U
+        return W[:, self._class_ids(tokens)].movedim(0, -1)
+
+    def token_readout(self, tokens, n_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+        """The logit of each class as a sum over tokens, for every linear readout.
+
+        Returns (directions [..., pos, d_model], bias [...]) such that
+        `logit = sum_pos (normalised_resid[pos] . directions[pos]) + bias`, where
+        normalised_resid is the final residual stream centred and divided by the final norm's
+        cached scale (`cache.apply_ln_to_stack`), with that scale frozen. Covers the CLS token,
+        distilled (CLS and distillation heads averaged) and average-pooled heads.
+        """
+        self._require_linear_readout("token_readout")
+        cfg = self.cfg
+        n_tokens = n_tokens or cfg.layout.n_tokens
+        ids = self._class_ids(tokens)
+        w, b = self._final_affine()
+        scale = torch.ones(cfg.d_model) if w is None else w
+
+        def column(W: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+            const = bias[ids] + (b @ W[:, ids] if b is not None else 0)
+            return (scale[:, None] * W)[:, ids].movedim(0, -1), const
+
+        weights = torch.zeros(n_tokens)
+        if cfg.global_pool == "token" and cfg.n_dist:
+            weights[0] = weights[1] = 0.5
+            d_cls, c_cls = column(self.W_U, self.b_U)
+            d_dist, c_dist = column(self.W_U_dist, self.b_U_dist)
+            per_pos = torch.zeros(*d_cls.shape[:-1], n_tokens, cfg.d_model)
+            per_pos[..., 0, :] = d_cls / 2
+            per_pos[..., 1, :] = d_dist / 2
+            return per_pos, (c_cls + c_dist) / 2
+        if cfg.global_pool == "token":
+            weights[0] = 1.0
+        else:
+            start = 0 if cfg.pool_include_prefix else cfg.n_prefix
+            weights[start:] = 1.0 / (n_tokens - start)
+        direction, const = column(self.W_U, self.b_U)
+        return weights[:, None] * direction.unsqueeze(-2), const
+
+    # ------------------------------------------------------------------ presentation
+    def summary(self) -> str:
+        cfg = self.cfg
+        n_params = sum(p.numel() for p in self.parameters())
+        parts = [
+            f"HookedViT from {cfg.source or 'weights'}: {cfg.n_layers} layers, d_model {cfg.d_model}, "
+            f"{cfg.n_heads} heads x d_head {cfg.d_head}, d_mlp {cfg.d_mlp}, act {cfg.act_fn}, "
+            f"{n_params / 1e6:.2f}M parameters",
+            f"norms: LayerNorm eps {cfg.eps}{', ln_pre' if cfg.ln_pre else ''}, final norm on "
+            f"{cfg.final_norm}; pooling {cfg.global_pool}"
+            f"{' + distillation head' if cfg.n_dist else ''}; {cfg.n_classes} classes",
+            f"processing: fold_ln={cfg.fold_ln} center_writing_weights={cfg.center_writing_weights} "
+            f"fold_value_biases={cfg.fold_value_biases} use_attn_result={cfg.use_attn_result}",
+        ]
+        return "\n".join(parts)
+
+    def preprocess(self, image) -> Tensor:
+        """An HxWx3 uint8 array or PIL image -> [1, 3, H, W] tensor the way the source expects."""
+        from ..images import to_model_input
+
+        return to_model_input(image, self.cfg).to(self.cfg.device)

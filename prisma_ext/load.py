@@ -1,0 +1,111 @@
+"""`px.load`: one entry point from a source (name or module) to a hooked model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import PrismaError, UnknownNameError, UnsupportedModelError, suggest
+
+BACKENDS = ("tl",)
+SOURCE_PREFIXES = ("timm",)
+HOOKED_OPTIONS = ("fold_ln", "center_writing_weights", "fold_value_biases", "use_attn_result",
+                  "device", "dtype")
+
+
+def load(source: str | nn.Module, backend: str = "tl", pretrained: bool | str | os.PathLike = True,
+         **kwargs: Any):
+    """Load a ViT as a hooked model.
+
+    `source`: "timm:NAME" (any timm VisionTransformer config, e.g. "timm:vit_small_patch16_224",
+    tags allowed: "timm:vit_small_patch16_224.augreg_in21k_ft_in1k") or a module instance.
+    `pretrained`: True for the source's published weights, False for random ones, or a path to a
+    local checkpoint. `kwargs`: HookedViT options (fold_ln, center_writing_weights,
+    fold_value_biases, use_attn_result, device, dtype); the rest goes to the source's
+    constructor (e.g. img_size=..., num_classes=..., dynamic_img_size=True for timm).
+    """
+    if backend not in BACKENDS:
+        raise PrismaError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)} "
+                          "(the nnsight backend is not built yet)")
+    options = {k: kwargs.pop(k) for k in HOOKED_OPTIONS if k in kwargs}
+    if isinstance(source, nn.Module):
+        if kwargs:
+            raise PrismaError(f"constructor arguments {sorted(kwargs)} only apply to a named source")
+        module = source
+    elif isinstance(source, str):
+        module = _build_named(source, pretrained, kwargs)
+    else:
+        raise PrismaError(f"source must be a name like 'timm:vit_small_patch16_224' or a torch module, "
+                          f"got {type(source).__name__}")
+    from .adapters import adapter_for
+
+    return adapter_for(module).to_hooked(module, **options)
+
+
+def _build_named(source: str, pretrained, kwargs: dict) -> nn.Module:
+    prefix, sep, name = source.partition(":")
+    if not sep or not name:
+        raise UnknownNameError(f"source {source!r} needs a prefix: one of "
+                               f"{', '.join(p + ':NAME' for p in SOURCE_PREFIXES)}")
+    if prefix not in SOURCE_PREFIXES:
+        raise UnknownNameError(suggest(prefix, SOURCE_PREFIXES, "source prefix") +
+                               " (open_clip: and hf: sources arrive with the CLIP adapters)")
+    return _build_timm(name, pretrained, kwargs)
+
+
+def supported_timm_names() -> list[str]:
+    """timm model names built by the classes the timm adapter converts (timm's vision_transformer
+    and deit modules); a config there that uses a refused feature (qk_norm, SwiGLU ...) is still
+    refused, with the feature named, when it is loaded."""
+    import timm
+
+    return timm.list_models(module=["vision_transformer", "deit"])
+
+
+def _build_timm(name: str, pretrained, kwargs: dict) -> nn.Module:
+    import timm
+
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        raise UnknownNameError(suggest(arch, supported_timm_names(), "timm model") +
+                               "; timm.list_models() lists every name")
+    if _is_path(pretrained):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise PrismaError(f"pretrained checkpoint {str(path)!r} does not exist")
+        overlay = dict(file=str(path))
+        if "num_classes" in kwargs:  # else timm drops a head whose size differs from its default
+            overlay["num_classes"] = kwargs["num_classes"]
+        kwargs = dict(kwargs, pretrained_cfg_overlay=overlay)
+        pretrained = True
+    try:
+        module = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if pretrained and not kwargs.get("pretrained_cfg_overlay"):
+            raise PrismaError(
+                f"could not fetch pretrained weights for timm:{name} ({type(err).__name__}: {err}). "
+                "Offline? Pass pretrained=False for random weights or pretrained='path/to/checkpoint'"
+            ) from err
+        raise PrismaError(f"timm could not build {name}: {err}") from err
+    module.eval()
+    from .adapters.timm_vit import TimmViTAdapter
+
+    adapter = TimmViTAdapter()
+    if not adapter.matches(module):
+        reason = adapter.refusal(module) or f"{type(module).__name__} is not a ViT"
+        raise UnsupportedModelError(f"timm:{name}: {reason}; closest supported names: "
+                                    f"{', '.join(suggest_names(name))}")
+    return module
+
+
+def suggest_names(name: str) -> list[str]:
+    from .errors import closest
+
+    return closest(name, supported_timm_names())
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, (str, os.PathLike)) and not isinstance(value, bool)

@@ -1,0 +1,49 @@
+"""Small timm configs of every supported ViT variant, with every parameter randomised."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# name -> (timm architecture, overrides). Same structure as the real model, smaller widths.
+SMALL = dict(embed_dim=48, depth=2, num_heads=3, num_classes=7)
+VARIANTS = {
+    "plain": ("vit_base_patch16_224", dict(img_size=32, patch_size=8)),
+    "deit_distilled": ("deit_base_distilled_patch16_224", dict(img_size=32, patch_size=8)),
+    "dinov2_reg4": ("vit_small_patch14_reg4_dinov2", dict(img_size=42)),
+    "clip_norm_pre": ("vit_base_patch32_clip_224", dict(img_size=32, patch_size=8)),
+    "clip_quickgelu": ("vit_base_patch32_clip_quickgelu_224", dict(img_size=32, patch_size=8)),
+    "gap_no_cls": ("vit_base_patch16_gap_224", dict(img_size=32, patch_size=8)),
+    "avg_fc_norm": ("vit_base_patch16_224",
+                    dict(img_size=32, patch_size=8, class_token=False, global_pool="avg", fc_norm=True)),
+    "siglip_map": ("vit_base_patch16_siglip_224", dict(img_size=32, patch_size=8, act_layer="gelu_tanh")),
+}
+
+
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter random values: norms' weights near 1, everything else near 0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            leaf = name.rsplit(".", 1)[-1]
+            is_norm_weight = p.ndim == 1 and leaf == "weight" and "norm" in name
+            if is_norm_weight or leaf == "gamma":
+                p.copy_(1.0 + 0.3 * noise)
+            else:
+                p.copy_(0.15 * noise)
+    return module
+
+
+def small_timm(variant: str, seed: int = 0, **overrides) -> nn.Module:
+    import timm
+
+    arch, kw = VARIANTS[variant]
+    model = timm.create_model(arch, pretrained=False, **{**SMALL, **kw, **overrides})
+    return randomize_(model.eval(), seed)
+
+
+def images_for(model, batch: int = 2, seed: int = 1, size=None) -> torch.Tensor:
+    h, w = size or model.patch_embed.img_size
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, h, w, generator=gen)
