@@ -25,7 +25,8 @@ _LAZY = {
     "data": ("prisma_ext.data", None),
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["Adapter", "BlockWeights", "HookedViT", "TokenLayout", "ViTConfig", "ViTWeights", "adapters",
+           "data", "errors", "load", "register_adapter"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import Adapter, register_adapter

@@ -96,8 +96,9 @@ def _build_timm(name: str, pretrained, kwargs: dict) -> nn.Module:
     adapter = TimmViTAdapter()
     if not adapter.matches(module):
         reason = adapter.refusal(module) or f"{type(module).__name__} is not a ViT"
-        raise UnsupportedModelError(f"timm:{name}: {reason}; closest supported names: "
-                                    f"{', '.join(suggest_names(name))}")
+        near = suggest_names(name) or ["vit_small_patch16_224", "deit_small_distilled_patch16_224",
+                                       "vit_small_patch14_reg4_dinov2", "vit_base_patch16_siglip_224"]
+        raise UnsupportedModelError(f"timm:{name}: {reason}; closest supported names: {', '.join(near)}")
     return module
 
 

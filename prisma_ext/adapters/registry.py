@@ -21,7 +21,8 @@ def register_adapter(adapter: Adapter | type[Adapter]) -> Adapter:
     """
     instance = adapter() if isinstance(adapter, type) else adapter
     if not isinstance(instance, Adapter):
-        raise TypeError(f"an adapter must subclass prisma_ext.adapters.Adapter, got {type(instance).__name__}")
+        kind = type(instance).__name__
+        raise TypeError(f"an adapter must subclass prisma_ext.adapters.Adapter, got {kind}")
     _user_adapters[:] = [a for a in _user_adapters if a.name != instance.name]
     _user_adapters.insert(0, instance)
     return instance if not isinstance(adapter, type) else adapter

@@ -83,7 +83,8 @@ class TimmViTAdapter(Adapter):
         from timm.models.vision_transformer import Block
 
         def refuse(feature: str) -> None:
-            raise UnsupportedModelError(f"timm {type(m).__name__} ({self._arch(m)}): {feature} is not supported")
+            where = f"timm {type(m).__name__} ({self._arch(m)})"
+            raise UnsupportedModelError(f"{where}: {feature} is not supported")
 
         if type(m.patch_embed) is not PatchEmbed:
             refuse(f"patch embedding {type(m.patch_embed).__name__} (hybrid CNN stems)")

@@ -50,8 +50,9 @@ class HookedViT(HookedRootModule):
         if cfg.final_norm != "none":
             self.ln_final = LayerNorm(cfg.d_model, cfg.eps_final, affine=not cfg.fold_ln)
         if cfg.global_pool == "map":
-            self.attn_pool = AttentionPool(cfg.d_model, cfg.attn_pool_heads, cfg.attn_pool_latent_len,
-                                           cfg.attn_pool_d_mlp or cfg.d_mlp, cfg.act_fn, cfg.eps, has_norm=True)
+            self.attn_pool = AttentionPool(
+                cfg.d_model, cfg.attn_pool_heads, cfg.attn_pool_latent_len,
+                cfg.attn_pool_d_mlp or cfg.d_mlp, cfg.act_fn, cfg.eps, has_norm=True)
         self.hook_pooled = HookPoint()
         self.head = nn.Linear(cfg.d_model, cfg.n_classes) if cfg.n_classes else None
         if cfg.n_dist:
