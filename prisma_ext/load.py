@@ -10,26 +10,28 @@ from torch import nn
 
 from .errors import PrismaError, UnknownNameError, UnsupportedModelError, suggest
 
-BACKENDS = ("tl",)
-SOURCE_PREFIXES = ("timm",)
+BACKENDS = ("tl", "nnsight")
+SOURCE_PREFIXES = ("timm", "open_clip", "hf")
 HOOKED_OPTIONS = ("fold_ln", "center_writing_weights", "fold_value_biases", "use_attn_result",
                   "device", "dtype")
 
 
 def load(source: str | nn.Module, backend: str = "tl", pretrained: bool | str | os.PathLike = True,
          **kwargs: Any):
-    """Load a ViT as a hooked model.
+    """Load a ViT or CLIP model as a hooked model (HookedViT or HookedCLIP).
 
     `source`: "timm:NAME" (any timm VisionTransformer config, e.g. "timm:vit_small_patch16_224",
-    tags allowed: "timm:vit_small_patch16_224.augreg_in21k_ft_in1k") or a module instance.
+    tags allowed: "timm:vit_small_patch16_224.augreg_in21k_ft_in1k"), "open_clip:ARCH" or
+    "open_clip:ARCH/TAG" (e.g. "open_clip:ViT-B-32/openai"), "hf:REPO_OR_DIR" (a Hugging Face
+    CLIPModel or CLIPVisionModel), or a module instance of any of these (or one a registered
+    adapter recognises).
     `pretrained`: True for the source's published weights, False for random ones, or a path to a
     local checkpoint. `kwargs`: HookedViT options (fold_ln, center_writing_weights,
     fold_value_biases, use_attn_result, device, dtype); the rest goes to the source's
     constructor (e.g. img_size=..., num_classes=..., dynamic_img_size=True for timm).
     """
     if backend not in BACKENDS:
-        raise PrismaError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)} "
-                          "(the nnsight backend is not built yet)")
+        raise PrismaError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     options = {k: kwargs.pop(k) for k in HOOKED_OPTIONS if k in kwargs}
     if isinstance(source, nn.Module):
         if kwargs:
@@ -42,7 +44,10 @@ def load(source: str | nn.Module, backend: str = "tl", pretrained: bool | str | 
                           f"got {type(source).__name__}")
     from .adapters import adapter_for
 
-    return adapter_for(module).to_hooked(module, **options)
+    adapter = adapter_for(module)
+    if backend == "nnsight":
+        return adapter.to_traced(module, **options)
+    return adapter.to_hooked(module, **options)
 
 
 def _build_named(source: str, pretrained, kwargs: dict) -> nn.Module:
@@ -51,9 +56,9 @@ def _build_named(source: str, pretrained, kwargs: dict) -> nn.Module:
         raise UnknownNameError(f"source {source!r} needs a prefix: one of "
                                f"{', '.join(p + ':NAME' for p in SOURCE_PREFIXES)}")
     if prefix not in SOURCE_PREFIXES:
-        raise UnknownNameError(suggest(prefix, SOURCE_PREFIXES, "source prefix") +
-                               " (open_clip: and hf: sources arrive with the CLIP adapters)")
-    return _build_timm(name, pretrained, kwargs)
+        raise UnknownNameError(suggest(prefix, SOURCE_PREFIXES, "source prefix"))
+    build = {"timm": _build_timm, "open_clip": _build_open_clip, "hf": _build_hf}[prefix]
+    return build(name, pretrained, kwargs)
 
 
 def supported_timm_names() -> list[str]:
@@ -110,3 +115,60 @@ def suggest_names(name: str) -> list[str]:
 
 def _is_path(value) -> bool:
     return isinstance(value, (str, os.PathLike)) and not isinstance(value, bool)
+
+
+def _build_open_clip(name: str, pretrained, kwargs: dict) -> nn.Module:
+    import open_clip
+
+    arch, _, tag = name.partition("/")
+    if arch not in open_clip.list_models():
+        raise UnknownNameError(suggest(arch, open_clip.list_models(), "open_clip model") +
+                               "; open_clip.list_models() lists every name")
+    if _is_path(pretrained):
+        if not Path(pretrained).is_file():
+            raise PrismaError(f"pretrained checkpoint {str(pretrained)!r} does not exist")
+        weights = str(pretrained)
+    elif pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if tag and tag not in tags:
+            raise UnknownNameError(suggest(tag, tags, f"pretrained tag of {arch}"))
+        if not tag and not tags:
+            raise PrismaError(f"open_clip:{arch} has no published weights; pass pretrained=False")
+        weights = tag or tags[0]
+    else:
+        weights = None
+    try:
+        module = open_clip.create_model(arch, pretrained=weights, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if weights and not _is_path(pretrained):
+            raise PrismaError(
+                f"could not fetch pretrained weights {weights!r} for open_clip:{arch} ({type(err).__name__}: "
+                f"{err}). Offline? Pass pretrained=False or pretrained='path/to/checkpoint'") from err
+        raise PrismaError(f"open_clip could not build {name}: {err}") from err
+    module.eval()
+    module._prisma_arch = arch
+    module._prisma_source = f"open_clip:{arch}" + (f"/{weights}" if weights and not _is_path(pretrained) else "")
+    return module
+
+
+def _build_hf(name: str, pretrained, kwargs: dict) -> nn.Module:
+    from transformers import AutoConfig, CLIPModel, CLIPVisionModel
+
+    source = str(pretrained) if _is_path(pretrained) else name
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise PrismaError(f"could not read the config of hf:{source} ({type(err).__name__}: {err}). "
+                          "Offline? Save the model with save_pretrained and pass its folder") from err
+    classes = {"clip": CLIPModel, "clip_vision_model": CLIPVisionModel}
+    if config.model_type not in classes:
+        raise UnsupportedModelError(f"hf:{name}: model type {config.model_type!r} is not supported; "
+                                    f"supported: {', '.join(classes)}")
+    cls = classes[config.model_type]
+    try:
+        module = cls.from_pretrained(source, **kwargs) if pretrained else cls(config)
+    except (OSError, ValueError) as err:
+        raise PrismaError(f"could not load the weights of hf:{source} ({type(err).__name__}: {err})") from err
+    module.eval()
+    module._prisma_source = f"hf:{name}"
+    return module

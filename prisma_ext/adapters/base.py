@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..hooked.config import ViTConfig
 from ..hooked.weights import ViTWeights
 
@@ -13,7 +14,8 @@ from ..hooked.weights import ViTWeights
 class Adapter:
     """Base class for adapters. A subclass sets `name` and implements `matches`, `config` and
     `weights`; `check` may refuse unsupported variants with an `UnsupportedModelError` that names
-    the missing feature. `to_hooked` is the whole conversion.
+    the missing feature. `to_hooked` is the whole conversion. For the nnsight backend an adapter
+    also implements `site_map` (optional: without it only the TL backend takes its models).
     """
 
     name: str = "adapter"
@@ -41,6 +43,21 @@ class Adapter:
         self.check(module)
         cfg = self.config(module).replace(**options)
         return HookedViT.from_weights(cfg, self.weights(module), self.class_names(module))
+
+    def site_map(self, module: nn.Module) -> dict:
+        """TL site name -> `prisma_ext.traced.sites.Site` (submodule path, port, view), in forward
+        order, for the nnsight backend. Optional; the default refuses."""
+        raise UnsupportedModelError(
+            f"adapter {self.name!r} has no site map, so the nnsight backend cannot trace "
+            f"{type(module).__name__}; the TL backend (backend='tl') can")
+
+    def to_traced(self, module: nn.Module, **options: Any):
+        """Wrap the original `module` for nnsight (no weight conversion); `options`: device, dtype
+        (they move the module itself)."""
+        from ..traced.model import TracedViT
+
+        self.check(module)
+        return TracedViT(module, adapter=self, **options)
 
 
 def norm_params(norm: nn.Module) -> tuple | None:

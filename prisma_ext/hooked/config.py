@@ -18,14 +18,11 @@ Pool = Literal["token", "avg", "map"]
 FinalNorm = Literal["tokens", "pooled", "none"]
 
 
-@dataclass
-class ViTConfig:
-    """Everything needed to build a HookedViT (weights come separately, see `ViTWeights`).
+@dataclass(kw_only=True)
+class TowerConfig:
+    """What every transformer tower shares: widths, norms, activation, weight processing.
 
-    `pos_embed_on_prefix`: the position embedding has rows for the prefix tokens too (timm's
-    default); False when only patches get positions (timm's `no_embed_class`, DINOv2 registers).
-    `final_norm`: "tokens" normalises every token before pooling (timm's `norm`), "pooled"
-    normalises the pooled vector (timm's `fc_norm`), "none" has no final norm.
+    The field names TransformerLens's `ActivationCache` reads keep their TL meaning.
     """
 
     d_model: int
@@ -33,38 +30,17 @@ class ViTConfig:
     n_heads: int
     d_head: int
     d_mlp: int
-    n_classes: int
-    img_size: tuple[int, int]
-    patch_size: tuple[int, int]
-    in_chans: int = 3
     act_fn: ActFn = "gelu"
     eps: float = 1e-6
     eps_final: float = 1e-6
-    eps_pre: float = 1e-6
-    n_cls: int = 1
-    n_dist: int = 0
-    n_reg: int = 0
-    has_pos_embed: bool = True
-    pos_embed_on_prefix: bool = True
-    pos_embed_grid: tuple[int, int] | None = None
-    dynamic_img_size: bool = False
-    ln_pre: bool = False
-    global_pool: Pool = "token"
     final_norm: FinalNorm = "tokens"
-    pool_include_prefix: bool = False
-    attn_pool_heads: int = 0
-    attn_pool_latent_len: int = 1
-    attn_pool_d_mlp: int = 0  # 0: same as d_mlp
-    crop_pct: float = 1.0
+    d_proj: int = 0  # width of a projection after pooling (CLIP's joint space); 0: none
     # weight processing (TransformerLens's options)
     fold_ln: bool = False
     center_writing_weights: bool = False
     fold_value_biases: bool = False
     use_attn_result: bool = False
-    # where the model came from and how it wants its images
     source: str = ""
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
     # TransformerLens compatibility
     attn_only: bool = False
     final_rms: bool = False
@@ -77,6 +53,45 @@ class ViTConfig:
         """TL's name for the block norms: LNPre once their affine part is folded away."""
         return "LNPre" if self.fold_ln else "LN"
 
+    def replace(self, **changes):
+        return replace(self, **changes)
+
+
+@dataclass(kw_only=True)
+class ViTConfig(TowerConfig):
+    """Everything needed to build a HookedViT (weights come separately, see `ViTWeights`).
+
+    `pos_embed_on_prefix`: the position embedding has rows for the prefix tokens too (timm's
+    default); False when only patches get positions (timm's `no_embed_class`, DINOv2 registers).
+    `final_norm`: "tokens" normalises every token before pooling (timm's `norm`), "pooled"
+    normalises the pooled vector (timm's `fc_norm`, CLIP's `ln_post` after pooling), "none" has
+    no final norm. `d_proj`: CLIP's image projection; the classifier head (`n_classes`) reads its
+    output when both exist.
+    """
+
+    n_classes: int = 0
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: tuple[int, int] = (16, 16)
+    in_chans: int = 3
+    eps_pre: float = 1e-6
+    n_cls: int = 1
+    n_dist: int = 0
+    n_reg: int = 0
+    has_pos_embed: bool = True
+    pos_embed_on_prefix: bool = True
+    pos_embed_grid: tuple[int, int] | None = None
+    dynamic_img_size: bool = False
+    ln_pre: bool = False
+    global_pool: Pool = "token"
+    pool_include_prefix: bool = False
+    attn_pool_heads: int = 0
+    attn_pool_latent_len: int = 1
+    attn_pool_d_mlp: int = 0  # 0: same as d_mlp
+    # how the model wants its images
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    crop_pct: float = 1.0
+
     @property
     def layout(self) -> TokenLayout:
         grid = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
@@ -86,5 +101,18 @@ class ViTConfig:
     def n_prefix(self) -> int:
         return self.n_cls + self.n_dist + self.n_reg
 
-    def replace(self, **changes) -> ViTConfig:
-        return replace(self, **changes)
+
+TextPool = Literal["argmax", "eos", "last", "first"]
+
+
+@dataclass(kw_only=True)
+class TextConfig(TowerConfig):
+    """A CLIP text tower: token and position embeddings, (causal) blocks, final norm on every
+    token, pooling at one position, projection. `pool`: "argmax" takes the highest token id
+    (OpenAI CLIP's end-of-text), "eos" the first `eos_id`, "last"/"first" a fixed position."""
+
+    vocab_size: int = 49408
+    context_length: int = 77
+    causal: bool = True
+    pool: TextPool = "argmax"
+    eos_id: int = 49407

@@ -58,14 +58,17 @@ class Attention(nn.Module):
 
     Sites: `hook_q/k/v` and `hook_z` [batch, pos, head, d_head]; `hook_attn_scores` and
     `hook_pattern` [batch, head, query, key]; `hook_result` [batch, pos, head, d_model] when
-    `use_attn_result`. TL's weight views: `W_Q/W_K/W_V` [head, d_model, d_head], `W_O`
+    `use_attn_result`. `causal` masks future keys (the text tower).
+    TL weight views: `W_Q/W_K/W_V` [head, d_model, d_head], `W_O`
     [head, d_head, d_model], biases `b_Q/b_K/b_V` [head, d_head] and `b_O` [d_model].
     """
 
-    def __init__(self, d_model: int, n_heads: int, d_head: int, use_attn_result: bool = False):
+    def __init__(self, d_model: int, n_heads: int, d_head: int, use_attn_result: bool = False,
+                 causal: bool = False):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_head
         self.use_attn_result = use_attn_result
+        self.causal = causal
         self.qkv = nn.Linear(d_model, 3 * n_heads * d_head)
         self.proj = nn.Linear(n_heads * d_head, d_model)
         for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
@@ -106,10 +109,14 @@ class Attention(nn.Module):
         q, k, v = (hp(t) for hp, t in zip((self.hook_q, self.hook_k, self.hook_v), qkv.unbind(2)))
         if is_hooked(self.hook_attn_scores, self.hook_pattern):
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.d_head ** -0.5
+            if self.causal:
+                future = torch.ones(pos, pos, dtype=torch.bool, device=x.device).triu(1)
+                scores = scores.masked_fill(future, float("-inf"))
             pattern = self.hook_pattern(self.hook_attn_scores(scores).softmax(dim=-1))
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
         else:
-            z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=self.causal)
             z = z.transpose(1, 2)
         z = self.hook_z(z)
         if self.use_attn_result:
@@ -146,11 +153,11 @@ class Block(nn.Module):
     [batch, pos, d_model]; `attn_out`/`mlp_out` are what is added to the residual stream
     (layer scale already folded into the output projections)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal: bool = False):
         super().__init__()
         affine = not cfg.fold_ln
         self.ln1 = LayerNorm(cfg.d_model, cfg.eps, affine)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.use_attn_result)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.use_attn_result, causal)
         self.ln2 = LayerNorm(cfg.d_model, cfg.eps, affine)
         self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
         for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):

@@ -41,6 +41,18 @@ def _norm(ln, norm, name: str) -> None:
     _set(ln.b, b, f"{name}.bias")
 
 
+def _load_blocks(blocks, block_weights) -> None:
+    for i, (block, bw) in enumerate(zip(blocks, block_weights)):
+        if bw.ls1 is not None or bw.ls2 is not None:
+            raise PrismaError("layer scale must be folded before loading (process_weights does it)")
+        _norm(block.ln1, bw.ln1, f"blocks.{i}.ln1")
+        _norm(block.ln2, bw.ln2, f"blocks.{i}.ln2")
+        _linear(block.attn.qkv, bw.qkv_w, bw.qkv_b, f"blocks.{i}.attn.qkv")
+        _linear(block.attn.proj, bw.proj_w, bw.proj_b, f"blocks.{i}.attn.proj")
+        _linear(block.mlp.fc1, bw.fc1_w, bw.fc1_b, f"blocks.{i}.mlp.fc1")
+        _linear(block.mlp.fc2, bw.fc2_w, bw.fc2_b, f"blocks.{i}.mlp.fc2")
+
+
 def load_into(model, weights: ViTWeights) -> None:
     """Fill `model` (a HookedViT built from the matching config) from processed weights."""
     cfg = model.cfg
@@ -54,15 +66,7 @@ def load_into(model, weights: ViTWeights) -> None:
     _set(embed.pos_embed, weights.pos_embed, "pos_embed", zero_if_missing=False)
     if cfg.ln_pre:
         _norm(model.ln_pre, weights.ln_pre, "ln_pre")
-    for i, (block, bw) in enumerate(zip(model.blocks, weights.blocks)):
-        if bw.ls1 is not None or bw.ls2 is not None:
-            raise PrismaError("layer scale must be folded before loading (process_weights does it)")
-        _norm(block.ln1, bw.ln1, f"blocks.{i}.ln1")
-        _norm(block.ln2, bw.ln2, f"blocks.{i}.ln2")
-        _linear(block.attn.qkv, bw.qkv_w, bw.qkv_b, f"blocks.{i}.attn.qkv")
-        _linear(block.attn.proj, bw.proj_w, bw.proj_b, f"blocks.{i}.attn.proj")
-        _linear(block.mlp.fc1, bw.fc1_w, bw.fc1_b, f"blocks.{i}.mlp.fc1")
-        _linear(block.mlp.fc2, bw.fc2_w, bw.fc2_b, f"blocks.{i}.mlp.fc2")
+    _load_blocks(model.blocks, weights.blocks)
     if cfg.final_norm != "none":
         _norm(model.ln_final, weights.ln_final, "ln_final")
     if cfg.global_pool == "map":
@@ -76,9 +80,26 @@ def load_into(model, weights: ViTWeights) -> None:
         _norm(pool.norm, pw.norm, "attn_pool.norm")
         _linear(pool.mlp.fc1, pw.fc1_w, pw.fc1_b, "attn_pool.mlp.fc1")
         _linear(pool.mlp.fc2, pw.fc2_w, pw.fc2_b, "attn_pool.mlp.fc2")
+    if cfg.d_proj:
+        _linear(model.proj, weights.proj_w, weights.proj_b, "proj")
+    elif weights.proj_w is not None:
+        raise PrismaError("weights give an image projection but the config says d_proj=0")
     if model.head is not None:
         _linear(model.head, weights.head_w, weights.head_b, "head")
     elif weights.head_w is not None:
         raise PrismaError("weights give a classifier head but the config says n_classes=0")
     if cfg.n_dist:
         _linear(model.head_dist, weights.head_dist_w, weights.head_dist_b, "head_dist")
+
+
+def load_text_into(model, weights) -> None:
+    """Fill a HookedTextTransformer from processed `TextWeights`."""
+    cfg = model.cfg
+    if len(weights.blocks) != cfg.n_layers:
+        raise PrismaError(f"weights have {len(weights.blocks)} blocks, config says {cfg.n_layers}")
+    _set(model.token_embed.weight, weights.token_embed, "token_embed", zero_if_missing=False)
+    _set(model.pos_embed, weights.pos_embed, "pos_embed", zero_if_missing=False)
+    _load_blocks(model.blocks, weights.blocks)
+    _norm(model.ln_final, weights.ln_final, "ln_final")
+    if model.proj is not None:
+        _linear(model.proj, weights.proj_w, weights.proj_b, "proj")

@@ -16,16 +16,16 @@ import torch
 from torch import Tensor
 
 from ..errors import PrismaError
-from .config import ViTConfig
-from .weights import BlockWeights, Norm, ViTWeights
+from .config import TextConfig, ViTConfig
+from .weights import BlockWeights, Norm, TextWeights, ViTWeights
 
 
 def _bias(b: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros(like.shape[0], dtype=like.dtype, device=like.device) if b is None else b
 
 
-def fold_layer_scale(weights: ViTWeights) -> None:
-    for blk in weights.blocks:
+def fold_layer_scale(blocks: list[BlockWeights]) -> None:
+    for blk in blocks:
         if blk.ls1 is not None:
             blk.proj_w = blk.proj_w * blk.ls1[:, None]
             blk.proj_b = _bias(blk.proj_b, blk.proj_w) * blk.ls1
@@ -44,49 +44,69 @@ def _fold_norm_into(norm: Norm, w: Tensor, b: Tensor | None) -> tuple[Tensor, Te
     return new_w - new_w.mean(dim=1, keepdim=True), new_b
 
 
-def fold_ln(weights: ViTWeights, cfg: ViTConfig) -> None:
-    for blk in weights.blocks:
+def fold_block_norms(blocks: list[BlockWeights]) -> None:
+    if any(b.ln1 is None or b.ln2 is None for b in blocks):
+        raise PrismaError("fold_ln: these weights have no block norms to fold")
+    for blk in blocks:
         blk.qkv_w, blk.qkv_b = _fold_norm_into(blk.ln1, blk.qkv_w, blk.qkv_b)
         blk.fc1_w, blk.fc1_b = _fold_norm_into(blk.ln2, blk.fc1_w, blk.fc1_b)
         blk.ln1 = blk.ln2 = None
+
+
+def fold_final_norm(weights, readers: list[tuple[object, str, str]]) -> None:
+    """Fold `weights.ln_final` into each reader (object, weight attribute, bias attribute)."""
     if weights.ln_final is None:
         return
-    if cfg.global_pool == "map":
-        pool = weights.attn_pool
-        pool.kv_w, pool.kv_b = _fold_norm_into(weights.ln_final, pool.kv_w, pool.kv_b)
-    else:
-        weights.head_w, weights.head_b = _fold_norm_into(weights.ln_final, weights.head_w, weights.head_b)
-        if weights.head_dist_w is not None:
-            weights.head_dist_w, weights.head_dist_b = _fold_norm_into(
-                weights.ln_final, weights.head_dist_w, weights.head_dist_b
-            )
+    for obj, w_name, b_name in readers:
+        w, b = _fold_norm_into(weights.ln_final, getattr(obj, w_name), getattr(obj, b_name))
+        setattr(obj, w_name, w)
+        setattr(obj, b_name, b)
     weights.ln_final = None
+
+
+def _final_readers(weights: ViTWeights, cfg: ViTConfig) -> list[tuple[object, str, str]]:
+    if cfg.global_pool == "map":
+        return [(weights.attn_pool, "kv_w", "kv_b")]
+    if weights.proj_w is not None:
+        return [(weights, "proj_w", "proj_b")]
+    readers = [(weights, "head_w", "head_b")]
+    if weights.head_dist_w is not None:
+        readers.append((weights, "head_dist_w", "head_dist_b"))
+    return readers
 
 
 def _centred(t: Tensor | None, dim: int = -1) -> Tensor | None:
     return None if t is None else t - t.mean(dim=dim, keepdim=True)
 
 
-def center_writing_weights(weights: ViTWeights, cfg: ViTConfig) -> None:
-    if cfg.final_norm == "none":
-        raise PrismaError(
-            "center_writing_weights needs a final norm (the head reads the residual stream "
-            "directly in this model, so centring would change the logits)"
-        )
-    weights.patch_w = _centred(weights.patch_w, dim=0)
-    if weights.patch_b is not None:
-        weights.patch_b = _centred(weights.patch_b)
-    weights.cls, weights.dist, weights.reg = (_centred(t) for t in (weights.cls, weights.dist, weights.reg))
-    weights.pos_embed = _centred(weights.pos_embed)
-    for blk in weights.blocks:
+def center_block_writes(blocks: list[BlockWeights]) -> None:
+    for blk in blocks:
         blk.proj_w = _centred(blk.proj_w, dim=0)
         blk.proj_b = _centred(_bias(blk.proj_b, blk.proj_w))
         blk.fc2_w = _centred(blk.fc2_w, dim=0)
         blk.fc2_b = _centred(_bias(blk.fc2_b, blk.fc2_w))
 
 
-def fold_value_biases(weights: ViTWeights) -> None:
-    for blk in weights.blocks:
+def _require_final_norm(cfg) -> None:
+    if cfg.final_norm == "none":
+        raise PrismaError(
+            "center_writing_weights needs a final norm (the head reads the residual stream "
+            "directly in this model, so centring would change the logits)"
+        )
+
+
+def center_vit_writes(weights: ViTWeights, cfg: ViTConfig) -> None:
+    _require_final_norm(cfg)
+    weights.patch_w = _centred(weights.patch_w, dim=0)
+    if weights.patch_b is not None:
+        weights.patch_b = _centred(weights.patch_b)
+    weights.cls, weights.dist, weights.reg = (_centred(t) for t in (weights.cls, weights.dist, weights.reg))
+    weights.pos_embed = _centred(weights.pos_embed)
+    center_block_writes(weights.blocks)
+
+
+def fold_value_biases(blocks: list[BlockWeights]) -> None:
+    for blk in blocks:
         if blk.qkv_b is None:
             continue
         hd = blk.qkv_w.shape[0] // 3
@@ -96,17 +116,29 @@ def fold_value_biases(weights: ViTWeights) -> None:
 
 
 def process_weights(weights: ViTWeights, cfg: ViTConfig) -> None:
-    """Apply, in TL's order, the processing `cfg` asks for (in place on `weights`)."""
-    fold_layer_scale(weights)
+    """Apply, in TL's order, the processing `cfg` asks for (in place on ViT `weights`)."""
+    fold_layer_scale(weights.blocks)
     if cfg.fold_ln:
-        if any(b.ln1 is None or b.ln2 is None for b in weights.blocks):
-            raise PrismaError("fold_ln: these weights have no block norms to fold")
-        fold_ln(weights, cfg)
+        fold_block_norms(weights.blocks)
+        fold_final_norm(weights, _final_readers(weights, cfg))
     if cfg.center_writing_weights:
-        center_writing_weights(weights, cfg)
+        center_vit_writes(weights, cfg)
     if cfg.fold_value_biases:
-        fold_value_biases(weights)
+        fold_value_biases(weights.blocks)
 
 
-__all__ = ["process_weights", "fold_layer_scale", "fold_ln", "center_writing_weights",
-           "fold_value_biases", "BlockWeights"]
+def process_text_weights(weights: TextWeights, cfg: TextConfig) -> None:
+    """The same processing for a text tower (the final norm folds into the text projection)."""
+    fold_layer_scale(weights.blocks)
+    if cfg.fold_ln:
+        fold_block_norms(weights.blocks)
+        if weights.proj_w is None:
+            raise PrismaError("fold_ln: this text tower has no projection to fold its final norm into")
+        fold_final_norm(weights, [(weights, "proj_w", "proj_b")])
+    if cfg.center_writing_weights:
+        _require_final_norm(cfg)
+        weights.token_embed = _centred(weights.token_embed)
+        weights.pos_embed = _centred(weights.pos_embed)
+        center_block_writes(weights.blocks)
+    if cfg.fold_value_biases:
+        fold_value_biases(weights.blocks)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from transformer_lens import ActivationCache, HookedRootModule
-from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
 from ..errors import PrismaError, UnknownNameError, suggest
@@ -19,10 +17,11 @@ from .layers import Block, LayerNorm
 from .load_weights import load_into
 from .processing import process_weights
 from .readout import AttentionPool
+from .root import CheckedHookedRoot, TowerWeightViews
 from .weights import ViTWeights, detached_copy
 
 
-class HookedViT(HookedRootModule):
+class HookedViT(CheckedHookedRoot, TowerWeightViews):
     """A ViT classifier with TransformerLens hook points and weight views.
 
     Build it with `prisma_ext.load(...)` or `HookedViT.from_weights(cfg, weights)`.
@@ -31,7 +30,9 @@ class HookedViT(HookedRootModule):
     [batch, pos, d_model] (their sum enters the residual stream; with a pre-norm, `hook_full_embed`
     is that sum, `ln_pre` normalises it and `hook_embed` is the result, with no `hook_pos_embed`);
     per block the TL sites of `Block`; `ln_final.hook_scale/hook_normalized`; `hook_pooled`
-    [batch, d_model] (the head's input; [batch, 2, d_model] for a distilled model).
+    [batch, d_model] (the pooled token after the final norm; [batch, 2, d_model] for a distilled
+    model). With a projection (CLIP), `hook_image_embed` [batch, d_proj] is its output; the
+    classifier head (a trained one, or a zero-shot head from text, see `set_unembed`) reads it.
     """
 
     def __init__(self, cfg: ViTConfig, class_names: Sequence[str] | None = None):
@@ -54,7 +55,11 @@ class HookedViT(HookedRootModule):
                 cfg.d_model, cfg.attn_pool_heads, cfg.attn_pool_latent_len,
                 cfg.attn_pool_d_mlp or cfg.d_mlp, cfg.act_fn, cfg.eps, has_norm=True)
         self.hook_pooled = HookPoint()
-        self.head = nn.Linear(cfg.d_model, cfg.n_classes) if cfg.n_classes else None
+        if cfg.d_proj:
+            self.proj = nn.Linear(cfg.d_model, cfg.d_proj)
+            self.hook_image_embed = HookPoint()
+        d_head_in = cfg.d_proj or cfg.d_model
+        self.head = nn.Linear(d_head_in, cfg.n_classes) if cfg.n_classes else None
         if cfg.n_dist:
             self.head_dist = nn.Linear(cfg.d_model, cfg.n_classes)
         self.setup()
@@ -77,9 +82,13 @@ class HookedViT(HookedRootModule):
     def forward(self, images: Tensor, return_type: str | None = "logits") -> Tensor | None:
         """images [batch, channels, height, width] -> logits [batch, n_classes].
 
-        `return_type`: "logits", "pooled" (the head's input), "resid" (the final residual
-        stream [batch, pos, d_model]) or None (run for the hooks only).
+        `return_type`: "logits" (the head's output; the image embedding when there is no head),
+        "embeds" (CLIP's projected image embedding [batch, d_proj]), "pooled" (the pooled token
+        after the final norm), "resid" (the final residual stream [batch, pos, d_model]) or None.
         """
+        if return_type not in ("logits", "embeds", "pooled", "resid", None):
+            raise PrismaError(f"return_type must be 'logits', 'embeds', 'pooled', 'resid' or None, "
+                              f"got {return_type!r}")
         check_images(images, self.cfg)
         resid = self._embed(images)
         for block in self.blocks:
@@ -89,12 +98,12 @@ class HookedViT(HookedRootModule):
         pooled = self.hook_pooled(self._pool(resid))
         if return_type == "pooled":
             return pooled
+        if self.cfg.d_proj:
+            pooled = self.hook_image_embed(self.proj(pooled))
+        if return_type == "embeds" or self.head is None:
+            return pooled
         if return_type is None:
             return None
-        if return_type != "logits":
-            raise PrismaError(f"return_type must be 'logits', 'pooled', 'resid' or None, got {return_type!r}")
-        if self.head is None:
-            return pooled
         if self.cfg.n_dist:
             return (self.head(pooled[:, 0]) + self.head_dist(pooled[:, 1])) / 2
         return self.head(pooled)
@@ -124,36 +133,7 @@ class HookedViT(HookedRootModule):
             pooled = self.ln_final(pooled.unsqueeze(1)).squeeze(1)
         return pooled
 
-    # ------------------------------------------------------------------ hooks
-    def _check_site(self, name: str | Callable) -> None:
-        if isinstance(name, str) and name not in self.hook_dict:
-            raise UnknownNameError(suggest(name, self.hook_dict, "site") +
-                                   f" (model {self.cfg.source or 'HookedViT'})")
-
-    def check_hooks_to_add(self, hook_point, hook_point_name, hook, dir="fwd", is_permanent=False,
-                           prepend=False) -> None:
-        self._check_site(hook_point_name)
-
-    def _enable_hook_with_name(self, name: str, hook: Callable, dir) -> None:
-        self._check_site(name)
-        super()._enable_hook_with_name(name, hook, dir)
-
-    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
-        self._check_site(name)
-        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
-
-    def run_with_cache(self, *args, names_filter=None, return_cache_object: bool = True, **kwargs):
-        """TL's run_with_cache; returns (output, ActivationCache). Unknown names raise."""
-        for name in [names_filter] if isinstance(names_filter, str) else (
-                names_filter if isinstance(names_filter, (list, tuple)) else []):
-            self._check_site(name)
-        if isinstance(names_filter, tuple):
-            names_filter = list(names_filter)
-        out, cache = super().run_with_cache(*args, names_filter=names_filter, **kwargs)
-        if return_cache_object:
-            cache = ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
-        return out, cache
-
+    # ------------------------------------------------------------------ sites
     def site_shapes(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
         """Every site name with its activation shape, from one forward pass on zeros."""
         x = torch.zeros(batch_size, self.cfg.in_chans, *self.cfg.img_size,
@@ -163,30 +143,6 @@ class HookedViT(HookedRootModule):
         return {name: tuple(t.shape) for name, t in cache.items()}
 
     # ------------------------------------------------------------------ TL weight views
-    def _stack(self, attr: str, part: str = "attn") -> Tensor:
-        return torch.stack([getattr(getattr(b, part), attr) for b in self.blocks])
-
-    W_Q = property(lambda self: self._stack("W_Q"))
-    W_K = property(lambda self: self._stack("W_K"))
-    W_V = property(lambda self: self._stack("W_V"))
-    W_O = property(lambda self: self._stack("W_O"))
-    b_Q = property(lambda self: self._stack("b_Q"))
-    b_K = property(lambda self: self._stack("b_K"))
-    b_V = property(lambda self: self._stack("b_V"))
-    b_O = property(lambda self: self._stack("b_O"))
-    W_in = property(lambda self: self._stack("W_in", "mlp"))
-    W_out = property(lambda self: self._stack("W_out", "mlp"))
-    b_in = property(lambda self: self._stack("b_in", "mlp"))
-    b_out = property(lambda self: self._stack("b_out", "mlp"))
-
-    @property
-    def QK(self) -> FactoredMatrix:
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
-
-    @property
-    def OV(self) -> FactoredMatrix:
-        return FactoredMatrix(self.W_V, self.W_O)
-
     @property
     def W_E(self) -> Tensor:
         """The patch embedding as a matrix [in_chans * ph * pw, d_model]."""
@@ -196,19 +152,50 @@ class HookedViT(HookedRootModule):
     def W_pos(self) -> Tensor:
         return self.embed.pos_embed
 
+    def _readout(self) -> list[nn.Linear]:
+        return [m for m in (getattr(self, "proj", None), self.head) if m is not None]
+
     @property
     def W_U(self) -> Tensor:
-        """The classifier as an unembedding [d_model, n_classes] (final norm's weight folded
-        in when `fold_ln`). For a distilled model this is the class-token head; the
-        distillation head is `W_U_dist`."""
-        if self.head is None:
-            raise PrismaError("this model has no classifier head (n_classes=0): its output is the pooled "
-                              "features, so there is no unembedding")
-        return self.head.weight.T
+        """The readout after the final norm as one unembedding [d_model, n_classes]: the head,
+        composed with the image projection when there is one (final norm's weight folded in with
+        `fold_ln`). For a distilled model: the class-token head (`W_U_dist` is the other)."""
+        layers = self._readout()
+        if not layers:
+            raise PrismaError("this model has no head or projection after pooling: no unembedding")
+        W = layers[0].weight.T
+        for layer in layers[1:]:
+            W = W @ layer.weight.T
+        return W
 
     @property
     def b_U(self) -> Tensor:
-        return self.W_U.new_zeros(0) if self.head is None else self.head.bias
+        layers = self._readout()
+        if not layers:
+            raise PrismaError("this model has no head or projection after pooling: no unembedding")
+        b = layers[0].bias
+        for layer in layers[1:]:
+            b = b @ layer.weight.T + layer.bias
+        return b
+
+    def set_unembed(self, weight: Tensor, class_names: Sequence[str] | None = None,
+                    bias: Tensor | None = None) -> None:
+        """Install a classifier head [n_classes, d_in] reading the image embedding (CLIP: the
+        projected embedding, e.g. zero-shot text embeddings), replacing any head there was."""
+        if self.cfg.n_dist:
+            raise PrismaError("set_unembed: a distilled model averages two heads; replace both by hand")
+        d_in = self.cfg.d_proj or self.cfg.d_model
+        if weight.ndim != 2 or weight.shape[1] != d_in:
+            raise PrismaError(f"unembedding weight must be [n_classes, {d_in}], got {tuple(weight.shape)}")
+        if class_names is not None and len(class_names) != weight.shape[0]:
+            raise PrismaError(f"{len(class_names)} class names for {weight.shape[0]} classes")
+        head = nn.Linear(d_in, weight.shape[0]).to(device=weight.device, dtype=self.cfg.dtype)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias if bias is not None else torch.zeros(weight.shape[0]))
+        self.head = head
+        self.cfg = self.cfg.replace(n_classes=weight.shape[0])
+        self.class_names = list(class_names) if class_names is not None else None
 
     @property
     def W_U_dist(self) -> Tensor:
@@ -217,21 +204,6 @@ class HookedViT(HookedRootModule):
     @property
     def b_U_dist(self) -> Tensor:
         return self.head_dist.bias
-
-    def accumulated_bias(self, layer: int, mlp_input: bool = False,
-                         include_mlp_biases: bool = True) -> Tensor:
-        """Sum of the attention and MLP output biases written before `layer` [d_model]."""
-        ref = self.blocks[0].attn.b_O
-        total = torch.zeros(self.cfg.d_model, device=ref.device, dtype=ref.dtype)
-        for i in range(layer):
-            total = total + self.blocks[i].attn.b_O
-            if include_mlp_biases:
-                total = total + self.blocks[i].mlp.b_out
-        if mlp_input:
-            if layer >= self.cfg.n_layers:
-                raise PrismaError(f"mlp_input needs layer < {self.cfg.n_layers}, got {layer}")
-            total = total + self.blocks[layer].attn.b_O
-        return total
 
     def to_single_token(self, class_name: str | int) -> int:
         """A class index from its name (or the index itself)."""

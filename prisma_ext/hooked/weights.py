@@ -74,7 +74,21 @@ class ViTWeights:
     head_dist_w: Tensor | None = None
     head_dist_b: Tensor | None = None
     attn_pool: AttnPoolWeights | None = None
+    proj_w: Tensor | None = None  # [d_proj, d]: CLIP's image projection, applied before the head
+    proj_b: Tensor | None = None
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TextWeights:
+    """A CLIP text tower in canonical form."""
+
+    token_embed: Tensor  # [vocab, d]
+    pos_embed: Tensor  # [context_length, d]
+    blocks: list[BlockWeights]
+    ln_final: Norm | None
+    proj_w: Tensor | None  # [d_proj, d]
+    proj_b: Tensor | None = None
 
 
 def _map_tensors(obj, fn):

@@ -1,0 +1,98 @@
+"""HookedTextTransformer: CLIP's text tower with TransformerLens hook points."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from ..errors import InputError, PrismaError
+from .config import TextConfig
+from .layers import Block, LayerNorm
+from .processing import process_text_weights
+from .root import CheckedHookedRoot, TowerWeightViews
+from .weights import TextWeights, detached_copy
+
+
+class HookedTextTransformer(CheckedHookedRoot, TowerWeightViews):
+    """Token ids [batch, pos] -> text embeddings [batch, d_proj].
+
+    Sites: `hook_embed` and `hook_pos_embed` [batch, pos, d_model] (their sum enters the residual
+    stream), the TL block sites (`blocks.{i}.hook_resid_pre`, `attn.hook_pattern`, ...; attention
+    is causal unless the config says otherwise), `ln_final.hook_scale/hook_normalized`,
+    `hook_pooled` [batch, d_model] (the pooled position after the final norm) and
+    `hook_text_embed` [batch, d_proj].
+    """
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.d_model))
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
+        self.blocks = nn.ModuleList(Block(cfg, causal=cfg.causal) for _ in range(cfg.n_layers))
+        self.ln_final = LayerNorm(cfg.d_model, cfg.eps_final, affine=not cfg.fold_ln)
+        self.hook_pooled = HookPoint()
+        self.proj = nn.Linear(cfg.d_model, cfg.d_proj) if cfg.d_proj else None
+        self.hook_text_embed = HookPoint()
+        self.setup()
+
+    @classmethod
+    def from_weights(cls, cfg: TextConfig, weights: TextWeights) -> HookedTextTransformer:
+        weights = detached_copy(weights, dtype=cfg.dtype)
+        process_text_weights(weights, cfg)
+        model = cls(cfg)
+        from .load_weights import load_text_into
+
+        load_text_into(model, weights)
+        return model.to(device=cfg.device, dtype=cfg.dtype).eval()
+
+    def pool_positions(self, tokens: Tensor) -> Tensor:
+        """The position each sequence is pooled at [batch]."""
+        cfg = self.cfg
+        if cfg.pool == "argmax":
+            return tokens.argmax(dim=-1)
+        if cfg.pool == "eos":
+            return (tokens == cfg.eos_id).int().argmax(dim=-1)
+        fixed = 0 if cfg.pool == "first" else tokens.shape[1] - 1
+        return torch.full((tokens.shape[0],), fixed, dtype=torch.long, device=tokens.device)
+
+    def check_tokens(self, tokens: Tensor) -> None:
+        if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+            raise InputError("expected token ids as an integer tensor [batch, pos] (use clip.tokenize)")
+        if tokens.ndim != 2 or tokens.shape[0] == 0:
+            raise InputError(f"expected token ids of shape [batch, pos], got {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.cfg.context_length:
+            raise InputError(f"{tokens.shape[1]} tokens exceed the context length {self.cfg.context_length}")
+        if tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size:
+            raise InputError(f"token ids must lie in [0, {self.cfg.vocab_size}), got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+    def forward(self, tokens: Tensor, return_type: str | None = "embeds") -> Tensor | None:
+        """`return_type`: "embeds" ([batch, d_proj]), "pooled" ([batch, d_model]), "resid"
+        (the final residual stream [batch, pos, d_model]) or None."""
+        if return_type not in ("embeds", "pooled", "resid", None):
+            raise PrismaError(f"return_type must be 'embeds', 'pooled', 'resid' or None, got {return_type!r}")
+        self.check_tokens(tokens)
+        batch, pos = tokens.shape
+        resid = self.hook_embed(self.token_embed(tokens)) + self.hook_pos_embed(
+            self.pos_embed[:pos].expand(batch, -1, -1))
+        for block in self.blocks:
+            resid = block(resid)
+        if return_type == "resid":
+            return resid
+        normed = self.ln_final(resid)
+        pooled = self.hook_pooled(normed[torch.arange(batch, device=tokens.device), self.pool_positions(tokens)])
+        if return_type == "pooled" or self.proj is None:
+            return pooled
+        embeds = self.hook_text_embed(self.proj(pooled))
+        return embeds if return_type == "embeds" else None
+
+    @property
+    def W_E(self) -> Tensor:
+        return self.token_embed.weight
+
+    @property
+    def W_pos(self) -> Tensor:
+        return self.pos_embed

@@ -1,0 +1,239 @@
+"""The nnsight backend: the original source module wrapped by nnsight, read by TL site names.
+
+    model = px.load("timm:vit_small_patch16_224", pretrained=False, backend="nnsight")
+    with model.trace(images):
+        resid = model.site("blocks.3.hook_resid_post").save()     # [batch, pos, d_model]
+        model.set_site("blocks.5.attn.hook_pattern", uniform)      # a real edit
+        logits = model.output.save()
+
+The module is not converted: nnsight mirrors its tree (`model.blocks[3].attn.qkv.output` works
+too) and the adapter's site map says where each TL site lives in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from nnsight import NNsight, save
+from nnsight.intervention.eproperty import eproperty
+from nnsight.intervention.util import first_input, replace_first_input
+from torch import Tensor, nn
+
+from ..errors import InputError, PrismaError, UnknownNameError, suggest
+from ..layout import TokenLayout
+from .batching import concat_invokes, image_rows
+from .sites import NOT_MAPPED, Site, Undo
+
+NameFilter = str | Iterable[str] | Callable[[str], bool] | None
+
+
+class _Port:
+    """What an eproperty needs to name a location: the envoy's path and interleaver."""
+
+    def __init__(self, envoy: Any):
+        self.path = envoy.path
+        self.interleaver = envoy.interleaver
+
+
+def _site_property(site: Site) -> eproperty:
+    """An eproperty serving `site` in TL layout. Its transform hands the (possibly edited) TL
+    tensor back to the model when the trace body next asks for anything, so that tensor is what
+    flows on: in-place edits reach the output and `.grad` on it is the real gradient."""
+    view = site.view
+    prop = eproperty(key=site.port)
+    if site.port == "output":
+        def served(host: _Port, raw: Any) -> Tensor:
+            return view.read(raw)
+
+        def written(host: _Port, value: Tensor, raw: Any) -> Any:
+            return view.write(value, raw)
+    else:
+        def served(host: _Port, raw: Any) -> Tensor:
+            return view.read(first_input(*raw))
+
+        def written(host: _Port, value: Tensor, raw: Any) -> Any:
+            args, kwargs = raw
+            return replace_first_input(args, kwargs, view.write(value, first_input(args, kwargs)))
+    prop(served)
+    prop.transform(written)
+    return prop
+
+
+class TracedModel(NNsight):
+    """An nnsight model over an original source module, with TL site names.
+
+    `site(name)` (inside a trace) returns a site's live value in TL layout, to `.save()`, edit in
+    place or take `.grad` of; `set_site(name, value)` replaces it. `site_names` lists the mapped
+    sites in forward order, `layout` is the token layout, `cfg` the adapter's config. Settings a
+    site needs for one trace (timm's `fused_attn`) are restored when the trace ends, also when
+    its body raises. Subclasses say how invokes batch (`_batch_size`, `_batch`).
+    """
+
+    def __init__(self, module: nn.Module, adapter: Any = None, device: Any = None,
+                 dtype: Any = None, **options: Any):
+        if options:
+            raise PrismaError(
+                f"options {sorted(options)} are weight processing of the TL backend; the nnsight "
+                "backend runs the original module unchanged (it takes only device and dtype)")
+        if adapter is None:
+            from ..adapters import adapter_for
+
+            adapter = adapter_for(module)
+        if device is not None or dtype is not None:
+            module.to(device=device, dtype=dtype)
+        sites = adapter.site_map(module)
+        config = adapter.config(module)
+        super().__init__(module)
+        self._px_adapter = adapter
+        self._px_sites: dict[str, Site] = dict(sites)
+        self._px_order = {name: i for i, name in enumerate(self._px_sites)}
+        self._px_config = config
+        self._px_props: dict[str, eproperty] = {}
+        self._px_undo: list[Undo] = []
+
+    # ------------------------------------------------------------------ what is here
+    @property
+    def adapter(self) -> Any:
+        return self._px_adapter
+
+    @property
+    def cfg(self) -> Any:
+        """The adapter's config of the source (a `ViTConfig` for a ViT)."""
+        return self._px_config
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self._px_config.layout
+
+    @property
+    def site_names(self) -> list[str]:
+        """The mapped TL site names, in forward order."""
+        return list(self._px_sites)
+
+    @property
+    def sites(self) -> dict[str, Site]:
+        """Site name -> `Site` (submodule path, port, view, TL shape)."""
+        return dict(self._px_sites)
+
+    # ------------------------------------------------------------------ sites
+    def site(self, name: str) -> Tensor:
+        """The live value of site `name` in TL layout (inside a trace).
+
+        Edit it in place before the trace body reads a later site, or `.save()` it; inside
+        `with loss.backward():` its `.grad` is the gradient there. Read sites in forward order.
+        """
+        site = self._lookup(name)
+        envoy = self._enter(name, site)
+        if site.view.identity:
+            return getattr(envoy, site.port)
+        prop = self._px_props.get(name)
+        if prop is None:
+            prop = self._px_props[name] = _site_property(site)
+        return prop.__get__(_Port(envoy))
+
+    def set_site(self, name: str, value: Tensor) -> None:
+        """Replace site `name`'s value (inside a trace); `value` in TL layout, broadcastable to
+        the site's shape (e.g. one [d_model] vector for every token)."""
+        site = self._lookup(name)
+        envoy = self._enter(name, site)
+        raw = getattr(envoy, site.port)
+        current = site.view.read(raw)
+        value = _conform(name, site, value, current)
+        if site.in_place:
+            current.copy_(value)
+        else:
+            setattr(envoy, site.port, site.view.write(value, raw))
+
+    def run_with_cache(self, images: Tensor, names: NameFilter = None) -> tuple[Any, dict[str, Tensor]]:
+        """Run on `images` and read sites: (output, {name: tensor}), detached, like TL's
+        `run_with_cache`. `names`: a name, a list, a predicate, or None for every site."""
+        selected = self.select_sites(names)
+        with self.trace(images):
+            cache = save({})
+            for name in selected:
+                cache[name] = self.site(name).detach()
+            output = save(self.output)
+        return output, cache
+
+    def select_sites(self, names: NameFilter = None) -> list[str]:
+        """Site names chosen by a name, a list or a predicate (None: all), in forward order;
+        unknown names raise UnknownNameError."""
+        if names is None:
+            chosen = self.site_names
+        elif isinstance(names, str):
+            chosen = [names]
+        elif callable(names):
+            chosen = [n for n in self._px_sites if names(n)]
+        else:
+            chosen = list(names)
+        for name in chosen:
+            self._lookup(name)
+        return sorted(set(chosen), key=self._px_order.__getitem__)
+
+    def _lookup(self, name: str) -> Site:
+        site = self._px_sites.get(name)
+        if site is None:
+            last = name.rsplit(".", 1)[-1] if isinstance(name, str) else ""
+            why = f" ({last} is not mapped here: {NOT_MAPPED[last]})" if last in NOT_MAPPED else ""
+            raise UnknownNameError(suggest(str(name), self._px_sites, "site") + why +
+                                   f"; model.site_names lists the {len(self._px_sites)} sites of "
+                                   f"this {type(self._module).__name__}")
+        return site
+
+    def _enter(self, name: str, site: Site) -> Any:
+        """The envoy that serves `site`, after running its prepare step for this trace."""
+        if not self.interleaver.interleaving:
+            raise PrismaError(f"model.site({name!r}) reads a running forward pass: use it inside "
+                              "`with model.trace(images):` or a `tracer.invoke(images)` block")
+        if site.prepare is not None:
+            undo = site.prepare(self._module)
+            if undo is not None:
+                self._px_undo.append(undo)
+        return self.get(site.module) if site.module else self
+
+    # ------------------------------------------------------------------ nnsight hooks
+    def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """nnsight's run of one trace; afterwards undo what the sites prepared, even on error."""
+        try:
+            return super().interleave(fn, *args, **kwargs)
+        finally:
+            while self._px_undo:
+                self._px_undo.pop()()
+
+
+class TracedViT(TracedModel):
+    """A ViT classifier traced by nnsight. Every invoke takes images [batch, channels, H, W];
+    several invokes in one trace run as one batch (`prisma_ext.traced.batching`)."""
+
+    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+        return image_rows(inputs, kwargs, self._check_images)
+
+    def _batch(self, invokes: list[tuple], fn: Any) -> tuple:
+        return concat_invokes(invokes)
+
+    def _check_images(self, images: Tensor) -> None:
+        from ..hooked.inputs import check_images
+
+        check_images(images, self._px_config)
+
+    def preprocess(self, image: Any) -> Tensor:
+        """An HxWx3 uint8 array or PIL image -> [1, 3, H, W] tensor the way the source expects."""
+        from ..images import to_model_input
+
+        return to_model_input(image, self._px_config).to(self.device)
+
+
+def _conform(name: str, site: Site, value: Any, current: Tensor) -> Tensor:
+    """`value` on the site's device and dtype, broadcast to its shape, or InputError."""
+    if not isinstance(value, Tensor):
+        raise InputError(f"set_site({name!r}, ...) takes a tensor {site.shape}, got "
+                         f"{type(value).__name__}")
+    value = value.to(device=current.device, dtype=current.dtype)
+    if value.shape == current.shape:
+        return value
+    try:
+        return value.broadcast_to(current.shape).contiguous()
+    except RuntimeError:
+        raise InputError(f"set_site({name!r}, ...): the site is {site.shape} = "
+                         f"{tuple(current.shape)} here, got {tuple(value.shape)}") from None
