@@ -150,7 +150,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     x = model.preprocess(img)
     with torch.inference_mode():
-        logits = model(x)
+        if hasattr(model, "use_zero_shot_head"):  # CLIP: ImageNet classes as text prompts
+            print("\n(CLIP: zero-shot over the ImageNet classes, prompt 'a photo of a {}.')")
+            texts = model.zero_shot_classifier(templates=["a photo of a {}."])
+            from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+            model.visual.set_unembed(texts, list(IMAGENET_CLASSNAMES))
+            logits = model.logit_scale.exp() * model.encode_image(x, normalize=True) @ texts.T
+        else:
+            logits = model(x)
     probs = torch.softmax(logits.float(), dim=-1)[0]
     k = min(args.top_k, probs.shape[-1])
     h, w = img.shape[:2]

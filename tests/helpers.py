@@ -50,3 +50,19 @@ def images_for(model, batch: int = 2, seed: int = 1, size=None) -> torch.Tensor:
     h, w = size or model.patch_embed.img_size
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, h, w, generator=gen)
+
+
+def module_hooks(model: nn.Module) -> dict[str, list[str]]:
+    """Every submodule that carries torch hooks, with the kinds of hooks it carries."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    found = {}
+    for name, mod in model.named_modules():
+        present = [k for k in kinds if getattr(mod, k, None)]
+        if present:
+            found[name or "<root>"] = present
+    return found
+
+
+def fused_flags(model: nn.Module) -> dict[str, bool]:
+    """`fused_attn` of every attention module that has the switch."""
+    return {name: mod.fused_attn for name, mod in model.named_modules() if hasattr(mod, "fused_attn")}

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
 from transformer_lens.model_bridge.generalized_components import (
     AttentionBridge,
@@ -104,6 +105,43 @@ class CLIPAttentionBridge(AttentionBridge):
         return self.o.hook_out(out)
 
 
+class CLIPBlockBridge(BlockBridge):
+    """`CLIPEncoderLayer` with a real `hook_resid_mid`.
+
+    TL's `BlockBridge` aliases `hook_resid_mid` to `ln2.hook_in`; HF's layer keeps its own copy
+    of the mid residual for the skip connection, so an edit there reaches only the MLP. While
+    `hook_resid_mid` is hooked, this block composes the layer from its bridged parts (the same
+    arithmetic as HF's) so the edit flows into both the MLP and the residual stream. Otherwise
+    HF's layer runs itself.
+    """
+
+    def __init__(self, name: str, submodules: Mapping) -> None:
+        super().__init__(name, submodules=submodules)
+        self.hook_aliases = {k: v for k, v in self.hook_aliases.items() if k != "hook_resid_mid"}
+        self.hook_resid_mid = HookPoint()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.hook_resid_mid.has_hooks():
+            return super().forward(*args, **kwargs)
+        # BlockBridge.forward's bookkeeping (capture hooks, start/stop_at_layer, hook_in).
+        self._maybe_wire_capture_hooks()
+        self._clear_attention_capture()
+        args, kwargs = self._maybe_inject_start_residual(args, kwargs)
+        self._check_stop_at_layer(*args, **kwargs)
+        args, kwargs = self._hook_input_hidden_states(args, kwargs)
+        standalone = self._is_standalone_hidden_state_call(args, kwargs)
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        mask = args[1] if len(args) > 1 else kwargs.pop("attention_mask", None)
+        try:
+            attn_out = self.attn(hidden_states=self.ln1(hidden), attention_mask=mask, **kwargs)[0]
+            mid = self.hook_resid_mid(hidden + attn_out)
+            out = mid + self.mlp(self.ln2(mid))
+        finally:
+            self._clear_attention_capture()
+        return self._apply_output_hook(out, force_tuple_for_bare_tensor=standalone)
+
+
 def _blocks(path: str, cfg: Any, attn_cfg: Any, causal: bool) -> BlockBridge:
     """`CLIPEncoderLayer` list: pre-LN attention then pre-LN MLP (fc1 -> act -> fc2)."""
     attn = CLIPAttentionBridge(
@@ -122,7 +160,7 @@ def _blocks(path: str, cfg: Any, attn_cfg: Any, causal: bool) -> BlockBridge:
         config=cfg,
         submodules={"in": LinearBridge(name="fc1"), "out": LinearBridge(name="fc2")},
     )
-    return BlockBridge(
+    return CLIPBlockBridge(
         name=path,
         submodules={
             "ln1": _norm("layer_norm1", cfg),
@@ -196,16 +234,8 @@ class CLIPTowerBridge(GeneralizedComponent):
         return output
 
 
-def _set_encoder_flags(cfg: Any) -> None:
-    cfg.normalization_type = "LN"
-    cfg.positional_embedding_type = "standard"
-    cfg.final_rms = False
-    cfg.gated_mlp = False
-    cfg.attn_only = False
-
-
-class CLIPVisionArchitectureAdapter(ArchitectureAdapter):
-    """HF `CLIPVisionModel` and `CLIPVisionModelWithProjection` (`visual_proj` added)."""
+class _CLIPAdapterBase(ArchitectureAdapter):
+    """Shared flags: pre-LN encoder blocks, learned absolute positions, no LM head."""
 
     supports_generation = False
     supports_causal_loss = False
@@ -213,8 +243,28 @@ class CLIPVisionArchitectureAdapter(ArchitectureAdapter):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
+        self.cfg.normalization_type = "LN"
+        self.cfg.positional_embedding_type = "standard"
+        self.cfg.final_rms = False
+        self.cfg.gated_mlp = False
+        self.cfg.attn_only = False
+
+    def setup_hook_compatibility(self, bridge: Any) -> None:
+        """Split q/k/v/z hooks into heads in every block, towers included.
+
+        The bridge only does this for its top-level `blocks`; `CLIPModel` has none.
+        """
+        for module in bridge.modules():
+            if isinstance(module, CLIPAttentionBridge):
+                module.setup_hook_compatibility()
+
+
+class CLIPVisionArchitectureAdapter(_CLIPAdapterBase):
+    """HF `CLIPVisionModel` and `CLIPVisionModelWithProjection` (`visual_proj` added)."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
         self.cfg.is_visual_model = True
-        _set_encoder_flags(self.cfg)
         with_proj = getattr(cfg, "architecture", None) == "CLIPVisionModelWithProjection"
         self.component_mapping = self._mapping(with_proj)
 
@@ -231,21 +281,16 @@ class CLIPVisionArchitectureAdapter(ArchitectureAdapter):
         self.component_mapping = self._mapping(hasattr(hf_model, "visual_projection"))
 
 
-class CLIPArchitectureAdapter(ArchitectureAdapter):
+class CLIPArchitectureAdapter(_CLIPAdapterBase):
     """HF `CLIPModel`: `visual.*` and `text.*` towers plus `visual_proj` / `text_proj`.
 
     The bridge config describes the text tower (TL reads `text_config` first); the vision
     tower's attention hooks get the vision head count from `cfg.vision_config`.
     """
 
-    supports_generation = False
-    supports_causal_loss = False
-    applicable_phases = [1]
-
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self.cfg.is_multimodal = True
-        _set_encoder_flags(self.cfg)
         self._extract_vision_dims(cfg)
         vision_attn = vision_attention_config(self.cfg)
         self.component_mapping = {

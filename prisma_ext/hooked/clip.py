@@ -39,6 +39,28 @@ class HookedCLIP(CheckedHookedRoot):
         self.source = source
         self.setup()
 
+    # ------------------------------------------------------------------ presentation
+    @property
+    def layout(self):
+        return self.visual.layout
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.visual.class_names
+
+    def preprocess(self, image) -> Tensor:
+        return self.visual.preprocess(image)
+
+    def summary(self) -> str:
+        scale = self.logit_scale.detach().exp().item()
+        return "\n".join([f"HookedCLIP from {self.source or 'weights'}: logit scale {scale:.2f}",
+                          "vision tower: " + self.visual.summary(), self.text.summary()])
+
+    def site_shapes(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
+        shapes = {f"visual.{k}": v for k, v in self.visual.site_shapes(batch_size).items()}
+        shapes.update({f"text.{k}": v for k, v in self.text.site_shapes(batch_size).items()})
+        return shapes
+
     # ------------------------------------------------------------------ encoders
     def tokenize(self, texts: Sequence[str]) -> Tensor:
         """Prompts -> token ids [n, context_length] (long prompts truncated with a warning)."""

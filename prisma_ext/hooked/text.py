@@ -89,6 +89,27 @@ class HookedTextTransformer(CheckedHookedRoot, TowerWeightViews):
         embeds = self.hook_text_embed(self.proj(pooled))
         return embeds if return_type == "embeds" else None
 
+    def example_tokens(self, batch_size: int = 1) -> Tensor:
+        """Token ids [batch, context] with an end-of-text token where this tower pools."""
+        cfg = self.cfg
+        tokens = torch.zeros(batch_size, cfg.context_length, dtype=torch.long, device=self.pos_embed.device)
+        end = {"argmax": cfg.vocab_size - 1, "eos": cfg.eos_id}.get(cfg.pool)
+        if end is not None:
+            tokens[:, 1] = end
+        return tokens
+
+    def site_shapes(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
+        """Every site name with its activation shape, from one forward pass."""
+        with torch.no_grad():
+            _, cache = self.run_with_cache(self.example_tokens(batch_size), return_cache_object=False)
+        return {name: tuple(t.shape) for name, t in cache.items()}
+
+    def summary(self) -> str:
+        cfg = self.cfg
+        return (f"text tower: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, d_mlp "
+                f"{cfg.d_mlp}, act {cfg.act_fn}, vocab {cfg.vocab_size}, context {cfg.context_length}, "
+                f"{'causal' if cfg.causal else 'bidirectional'}, pooled at {cfg.pool}, projection to {cfg.d_proj}")
+
     @property
     def W_E(self) -> Tensor:
         return self.token_embed.weight

@@ -293,7 +293,8 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
             f"{n_params / 1e6:.2f}M parameters",
             f"norms: LayerNorm eps {cfg.eps}{', ln_pre' if cfg.ln_pre else ''}, final norm on "
             f"{cfg.final_norm}; pooling {cfg.global_pool}"
-            f"{' + distillation head' if cfg.n_dist else ''}; {cfg.n_classes} classes",
+            f"{' + distillation head' if cfg.n_dist else ''}"
+            f"{f'; projection to {cfg.d_proj}' if cfg.d_proj else ''}; {cfg.n_classes} classes",
             f"processing: fold_ln={cfg.fold_ln} center_writing_weights={cfg.center_writing_weights} "
             f"fold_value_biases={cfg.fold_value_biases} use_attn_result={cfg.use_attn_result}",
         ]

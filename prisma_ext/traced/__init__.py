@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 _LAZY = {"TracedModel": "prisma_ext.traced.model", "TracedViT": "prisma_ext.traced.model"}
-__all__ = sorted(_LAZY)
+__all__ = ["TracedModel", "TracedViT"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import TracedModel, TracedViT
