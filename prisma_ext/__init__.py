@@ -23,10 +23,11 @@ _LAZY = {
     "errors": ("prisma_ext.errors", None),
     "adapters": ("prisma_ext.adapters", None),
     "data": ("prisma_ext.data", None),
+    "bridge": ("prisma_ext.bridge", None),
 }
 
 __all__ = ["Adapter", "BlockWeights", "HookedViT", "TokenLayout", "ViTConfig", "ViTWeights", "adapters",
-           "data", "errors", "load", "register_adapter"]
+           "bridge", "data", "errors", "load", "register_adapter"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import Adapter, register_adapter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from prisma_ext.bridge.clip import (  # noqa: E402
     CLIPAttentionBridge,
     CLIPVisionArchitectureAdapter,
     eos_positions,
+    set_use_attn_result,
 )
 
 ATOL = 1e-4
@@ -72,8 +74,24 @@ def bridged(model):
     return build_bridge_from_module(model, arch, hf_config=model.config), ref
 
 
+@functools.cache
+def shared_clip(impl: str, eos_token_id: int = 50):
+    """A bridged CLIPModel for tests that leave it as they found it (hooks are temporary)."""
+    return bridged(clip_model(impl, eos_token_id))
+
+
 def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, atol=atol, rtol=0)
+
+
+def nudge(t: torch.Tensor, hook=None) -> torch.Tensor:
+    """A fixed, non-affine edit (LayerNorm undoes affine ones)."""
+    noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(7))
+    return t + noise.to(t.dtype)
+
+
+def embeds(out) -> torch.Tensor:
+    return torch.cat([out.image_embeds.flatten(), out.text_embeds.flatten()])
 
 
 # -- registration ---------------------------------------------------------------------------
@@ -145,7 +163,7 @@ def test_installed_entry_points_name_our_adapters():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_clip_model_forward_matches_hf(impl):
-    bridge, ref = bridged(clip_model(impl))
+    bridge, ref = shared_clip(impl)
     px = _pixels()
     with torch.no_grad():
         want = ref(input_ids=IDS, pixel_values=px, attention_mask=MASK)
@@ -158,7 +176,7 @@ def test_clip_model_forward_matches_hf(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("eos_token_id", [2, 50])
 def test_clip_model_cache_matches_hf_hidden_states(impl, eos_token_id):
-    bridge, ref = bridged(clip_model(impl, eos_token_id))
+    bridge, ref = shared_clip(impl, eos_token_id)
     px = _pixels()
     with torch.no_grad():
         want = ref(input_ids=IDS, pixel_values=px, attention_mask=MASK, output_hidden_states=True)
@@ -199,7 +217,7 @@ def test_eos_positions_rules():
 
 
 def test_tower_heads_follow_their_own_config():
-    bridge, _ = bridged(clip_model("eager"))
+    bridge, _ = shared_clip("eager")
     with torch.no_grad():
         _, cache = bridge.run_with_cache(IDS, pixel_values=_pixels(2), attention_mask=MASK)
     assert cache["visual.blocks.0.attn.hook_q"].shape == (2, 17, 2, 16)
@@ -238,28 +256,30 @@ def test_vision_model_matches_hf(impl, with_proj):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_pattern_hooks_fire_and_edits_count_under_both_kernels(impl):
-    bridge, _ = bridged(clip_model(impl))
+    bridge, _ = shared_clip(impl)
     px = _pixels(2)
     with torch.no_grad():
-        base = bridge(IDS, pixel_values=px, attention_mask=MASK).logits_per_image
+        base = bridge(IDS, pixel_values=px, attention_mask=MASK)
         _, cache = bridge.run_with_cache(IDS, pixel_values=px, attention_mask=MASK)
-    scores, pattern = cache["text.blocks.0.attn.hook_attn_scores"], cache["text.blocks.0.attn.hook_pattern"]
+    scores = cache["text.blocks.0.attn.hook_attn_scores"]
+    pattern = cache["text.blocks.0.attn.hook_pattern"]
     assert close(torch.softmax(scores, dim=-1), pattern, atol=1e-6)  # scores are pre-softmax
     assert close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)), atol=1e-5)
     assert pattern.triu(1).abs().max() == 0  # causal text tower
     assert pattern[0, :, :, 4:].abs().max() == 0  # padding of row 0 gets no attention
     assert cache["visual.blocks.0.attn.hook_pattern"].tril(-1).abs().max() > 0  # bidirectional
+    assert "visual.blocks.0.attn.hook_result" not in cache  # gated off, as in TL
 
-    def drop_cls(t, hook):
-        t = t.clone()
-        t[..., 0] = 0
+    def attend_to_last(t, hook):
+        t = torch.zeros_like(t)
+        t[..., -1] = 1
         return t
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("error")  # no "edit is discarded" warning from TL
-        edited = bridge.run_with_hooks(IDS, pixel_values=px, attention_mask=MASK,
-                                       fwd_hooks=[("visual.blocks.1.attn.hook_pattern", drop_cls)])
-    assert (edited.logits_per_image - base).abs().max() > 1e-3
+        edited = bridge.run_with_hooks(IDS, pixel_values=px, attention_mask=MASK, fwd_hooks=[
+            ("visual.blocks.1.attn.hook_pattern", attend_to_last)])
+    assert (embeds(edited) - embeds(base)).abs().max() > 1e-2
 
 
 def test_hf_kernel_runs_unless_pattern_scores_or_result_are_hooked(monkeypatch):
@@ -293,7 +313,7 @@ def test_explicit_attention_matches_sdpa_kernel():
 
 def test_per_head_result_is_live():
     bridge, ref = bridged(vision_model(transformers.CLIPVisionModel, "sdpa"))
-    bridge.set_use_attn_result(True)
+    bridge.set_use_attn_result(True)  # TL's setter reaches a top-level `blocks`
     px = _pixels(2)
     with torch.no_grad():
         out, cache = bridge.run_with_cache(px)
@@ -309,29 +329,68 @@ def test_per_head_result_is_live():
             return t
 
         edited = bridge.run_with_hooks(px, fwd_hooks=[("blocks.1.attn.hook_result", drop_head_0)])
-    assert (edited - out).abs().max() > 1e-3
+    assert (edited - out).abs().max() > 1e-2
+
+
+def test_per_head_result_in_both_towers():
+    bridge, ref = bridged(clip_model("sdpa"))
+    with pytest.raises(NotImplementedError):
+        bridge.set_use_attn_result(True)  # TL's own setter: no top-level `blocks`
+    set_use_attn_result(bridge)
+    px = _pixels(2)
+    with torch.no_grad():
+        out, cache = bridge.run_with_cache(IDS, pixel_values=px, attention_mask=MASK)
+        want = ref(input_ids=IDS, pixel_values=px, attention_mask=MASK)
+    assert cache["visual.blocks.1.attn.hook_result"].shape == (2, 17, 2, 32)
+    assert cache["text.blocks.2.attn.hook_result"].shape == (2, 7, 3, 24)
+    assert close(out.logits_per_image, want.logits_per_image)
+    set_use_attn_result(bridge, False)
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(IDS, pixel_values=px, attention_mask=MASK)
+    assert not any(name.endswith("hook_result") for name in cache)
+
+
+def test_resid_mid_edit_reaches_the_residual_stream():
+    """Patching resid_mid replaces the residual itself, not just the MLP's input."""
+    bridge, ref = bridged(vision_model(transformers.CLIPVisionModel, "eager"))
+    px = _pixels(2)
+    patch = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = bridge.run_with_hooks(px, fwd_hooks=[("blocks.0.hook_resid_mid", lambda t, hook: patch)])
+        layer0, layer1 = ref.encoder.layers
+        want = layer1(patch + layer0.mlp(layer0.layer_norm2(patch)), None)
+        _, cache = bridge.run_with_cache(px)
+    assert close(got, want)
+    assert close(cache["blocks.0.hook_resid_mid"],
+                 cache["blocks.0.hook_resid_pre"] + cache["blocks.0.hook_attn_out"])
+    assert close(cache["blocks.0.hook_resid_post"],
+                 cache["blocks.0.hook_resid_mid"] + cache["blocks.0.hook_mlp_out"])
 
 
 # -- other hook points are real -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("site", ["visual.blocks.0.hook_resid_mid", "visual.blocks.1.attn.hook_z",
-                                  "visual.blocks.0.mlp.hook_post", "visual.ln_final.hook_normalized",
-                                  "visual.hook_out", "text.blocks.2.hook_resid_post",
-                                  "text.blocks.1.attn.hook_v", "text.hook_pos_embed"])
-def test_editing_a_site_changes_the_logits(site):
-    bridge, _ = bridged(clip_model("sdpa"))
+@pytest.mark.parametrize("site", [
+    "visual.hook_embed", "visual.ln_pre.hook_out", "visual.blocks.0.hook_resid_mid",
+    "visual.blocks.1.attn.hook_z", "visual.blocks.0.mlp.hook_post",
+    "visual.ln_final.hook_normalized", "visual.hook_out", "visual_proj.hook_out",
+    "text.hook_pos_embed", "text.blocks.1.attn.hook_v", "text.blocks.2.hook_resid_post",
+    "text.ln_final.hook_out",
+])
+def test_editing_a_site_changes_the_output(site):
+    bridge, _ = shared_clip("sdpa")
     px = _pixels(2)
-    with torch.no_grad():
-        base = bridge(IDS, pixel_values=px, attention_mask=MASK).logits_per_image
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TL notes that an edited LN is recomputed in python
+        base = bridge(IDS, pixel_values=px, attention_mask=MASK)
         edited = bridge.run_with_hooks(IDS, pixel_values=px, attention_mask=MASK,
-                                       fwd_hooks=[(site, lambda t, hook: t * 0.5 + 0.1)])
-    assert (edited.logits_per_image - base).abs().max() > 1e-3
+                                       fwd_hooks=[(site, nudge)])
+    assert (embeds(edited) - embeds(base)).abs().max() > 1e-2
 
 
 def test_hooks_fire_when_calling_hf_methods_directly():
-    model = clip_model("sdpa")
-    bridge, ref = bridged(model)
+    bridge, ref = shared_clip("sdpa")
+    model = bridge.original_model
     px = _pixels(2)
     seen = {}
     with torch.no_grad(), bridge.hooks(fwd_hooks=[
@@ -344,7 +403,7 @@ def test_hooks_fire_when_calling_hf_methods_directly():
 
 def test_left_padding_needs_explicit_position_ids():
     """TL derives position ids from a left-padded mask; HF CLIP does not. Pass them."""
-    bridge, ref = bridged(clip_model("eager"))
+    bridge, ref = shared_clip("eager")
     ids = torch.tensor([[0, 0, 5, 97, 50], [7, 8, 9, 10, 50]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     px = _pixels(2)
@@ -369,7 +428,7 @@ def test_compatibility_mode_without_weight_processing():
 
 
 def test_adapter_flags():
-    bridge, _ = bridged(clip_model("sdpa"))
+    bridge, _ = shared_clip("sdpa")
     assert isinstance(bridge.adapter, CLIPArchitectureAdapter)
     assert bridge.cfg.is_multimodal and not bridge.cfg.is_visual_model
     assert bridge.cfg.act_fn == "quick_gelu"

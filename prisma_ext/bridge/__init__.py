@@ -25,7 +25,8 @@ def register(*, override: bool = False) -> tuple[str, ...]:
 
     from .clip import ADAPTERS
 
-    # Discover entry points first, so a later discovery cannot change what we decided here.
+    # Discover entry points first: run later, TL would find these names taken and warn that
+    # our own entry points try to override an adapter it already has.
     ArchitectureAdapterFactory.discover_entry_points()
     table = getattr(ArchitectureAdapterFactory, "_adapters", {})
     ours = []

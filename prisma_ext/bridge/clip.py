@@ -43,17 +43,21 @@ class CLIPAttentionBridge(AttentionBridge):
 
     TL's `AttentionBridge` lets HF compute attention and fires the pattern hook afterwards on
     what HF returns: never under SDPA (HF returns no weights), read-only under eager. Here, while
-    `hook_attn_scores`, `hook_pattern` or `hook_result` has a hook attached, attention is computed
-    explicitly from the wrapped q/k/v/o projections (eager's arithmetic, softmax in float32), so
-    the scores are pre-softmax and an edited pattern or per-head result changes the output. With
-    none of them hooked, HF's own kernel (SDPA, eager, ...) runs untouched.
+    `hook_attn_scores` or `hook_pattern` has a hook attached (or `hook_result`, once
+    `use_attn_result` is on), attention is computed explicitly from the wrapped q/k/v/o
+    projections (eager's arithmetic, softmax in float32), so the scores are pre-softmax and an
+    edited pattern or per-head result changes the output. With none of them hooked, HF's own
+    kernel (SDPA, eager, ...) runs untouched.
     """
 
     supports_attn_result = True
 
+    def _result_on(self) -> bool:
+        return bool(getattr(self.config, "use_attn_result", False)) and self.hook_result.has_hooks()
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hooked = any(
-            hook.has_hooks() for hook in (self.hook_attn_scores, self.hook_pattern, self.hook_result)
+        hooked = (
+            self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks() or self._result_on()
         )
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
@@ -90,7 +94,7 @@ class CLIPAttentionBridge(AttentionBridge):
         pattern = nn.functional.dropout(pattern, p=module.dropout, training=module.training)
         pattern = self.hook_pattern(pattern)
         z = torch.matmul(pattern, v).transpose(1, 2).reshape(batch, n_pos, heads * d_head)
-        out = self._per_head_out(z, heads, d_head) if self.hook_result.has_hooks() else self.o(z)
+        out = self._per_head_out(z, heads, d_head) if self._result_on() else self.o(z)
         return self.hook_out(out), pattern
 
     def _per_head_out(self, z: torch.Tensor, heads: int, d_head: int) -> torch.Tensor:
@@ -208,6 +212,18 @@ def eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return (ids == eos_token_id).int().argmax(dim=-1)
 
 
+def set_use_attn_result(bridge: Any, enabled: bool = True) -> None:
+    """Turn `attn.hook_result` ([batch, pos, head, d_model]) on or off in every block.
+
+    Same as TL's `bridge.set_use_attn_result`, which only reaches a top-level `blocks` and so
+    refuses `CLIPModel`; this also reaches the `visual.` and `text.` towers.
+    """
+    bridge.cfg._set_bridge_managed_hook_flag("use_attn_result", enabled)
+    for module in bridge.modules():
+        if isinstance(module, CLIPAttentionBridge):
+            object.__setattr__(module.config, "use_attn_result", enabled)
+
+
 class CLIPTowerBridge(GeneralizedComponent):
     """One CLIP tower (`CLIPVisionModel` or `CLIPTextModel`) inside `CLIPModel`.
 
@@ -230,6 +246,8 @@ class CLIPTowerBridge(GeneralizedComponent):
             if args:
                 args = (self.hook_in(args[0]), *args[1:])
         output = tower(*args, **kwargs)
+        if isinstance(output, tuple):  # return_dict=False: (last_hidden_state, pooled, ...)
+            return (output[0], self.hook_out(output[1]), *output[2:])
         output.pooler_output = self.hook_out(output.pooler_output)
         return output
 
