@@ -24,10 +24,15 @@ _LAZY = {
     "adapters": ("prisma_ext.adapters", None),
     "data": ("prisma_ext.data", None),
     "bridge": ("prisma_ext.bridge", None),
+    "activation_patching": ("prisma_ext.analysis.patching", "activation_patching"),
+    "attribution_patching": ("prisma_ext.analysis.attribution_patching", "attribution_patching"),
+    "image_text_patching": ("prisma_ext.analysis.image_text", "image_text_patching"),
+    "metrics": ("prisma_ext.analysis.metrics", None),
 }
 
 __all__ = ["Adapter", "BlockWeights", "HookedViT", "TokenLayout", "ViTConfig", "ViTWeights", "adapters",
-           "bridge", "data", "errors", "load", "register_adapter"]
+           "bridge", "data", "errors", "load", "register_adapter", "activation_patching",
+           "attribution_patching", "image_text_patching", "metrics"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import Adapter, register_adapter

@@ -56,7 +56,10 @@ def test_dynamic_image_size_sites():
 
 
 def test_site_names_layout_and_nnsight_tree():
-    src, _, traced = load_both("deit_distilled")
+    src, hooked, traced = load_both("deit_distilled")
+    shapes, tl_shapes = traced.site_shapes(batch_size=3), hooked.site_shapes(batch_size=3)
+    assert list(shapes) == traced.site_names
+    assert all(shapes[name] == tl_shapes[name] for name in shapes)
     assert traced.layout.prefix_names == ("cls", "dist")
     assert traced.site_names[0] == "hook_patch_embed"
     assert traced.site_names.index("blocks.0.hook_resid_mid") < traced.site_names.index(
@@ -390,6 +393,14 @@ def test_bad_images_and_options_are_refused():
             traced.output.save()
     with pytest.raises(PrismaError, match="fold_ln"):
         px.load(src, backend="nnsight", fold_ln=True)
+
+
+def test_load_by_name():
+    traced = px.load("timm:vit_small_patch14_reg4_dinov2", pretrained=False, backend="nnsight",
+                     img_size=28, depth=1, embed_dim=24, num_heads=2)
+    assert type(traced).__name__ == "TracedViT"
+    assert traced.layout.prefix_names == ("cls", "reg0", "reg1", "reg2", "reg3")
+    assert traced.layout.grid == (2, 2) and len(traced.blocks) == 1
 
 
 def test_import_stays_light():

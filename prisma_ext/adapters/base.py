@@ -56,7 +56,6 @@ class Adapter:
         (they move the module itself)."""
         from ..traced.model import TracedViT
 
-        self.check(module)
         return TracedViT(module, adapter=self, **options)
 
 

@@ -78,12 +78,19 @@ class HookedTextTransformer(CheckedHookedRoot, TowerWeightViews):
         batch, pos = tokens.shape
         resid = self.hook_embed(self.token_embed(tokens)) + self.hook_pos_embed(
             self.pos_embed[:pos].expand(batch, -1, -1))
-        for block in self.blocks:
+        return self.run_from(resid, 0, tokens, return_type)
+
+    def run_from(self, resid: Tensor, layer: int, tokens: Tensor, return_type: str | None = "embeds"
+                 ) -> Tensor | None:
+        """Continue a forward pass from `blocks.{layer}.hook_resid_pre` = resid [batch, pos, d_model];
+        `tokens` [batch, pos] say where to pool."""
+        for block in self.blocks[layer:]:
             resid = block(resid)
         if return_type == "resid":
             return resid
         normed = self.ln_final(resid)
-        pooled = self.hook_pooled(normed[torch.arange(batch, device=tokens.device), self.pool_positions(tokens)])
+        rows = torch.arange(resid.shape[0], device=resid.device)
+        pooled = self.hook_pooled(normed[rows, self.pool_positions(tokens)])
         if return_type == "pooled" or self.proj is None:
             return pooled
         embeds = self.hook_text_embed(self.proj(pooled))

@@ -90,8 +90,12 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
             raise PrismaError(f"return_type must be 'logits', 'embeds', 'pooled', 'resid' or None, "
                               f"got {return_type!r}")
         check_images(images, self.cfg)
-        resid = self._embed(images)
-        for block in self.blocks:
+        return self.run_from(self._embed(images), 0, return_type)
+
+    def run_from(self, resid: Tensor, layer: int, return_type: str | None = "logits") -> Tensor | None:
+        """Continue a forward pass from `blocks.{layer}.hook_resid_pre` = resid [batch, pos, d_model]
+        (e.g. a cached residual stream, to rerun only the layers after a patch)."""
+        for block in self.blocks[layer:]:
             resid = block(resid)
         if return_type == "resid":
             return resid

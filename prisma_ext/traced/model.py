@@ -80,6 +80,7 @@ class TracedModel(NNsight):
             from ..adapters import adapter_for
 
             adapter = adapter_for(module)
+        adapter.check(module)
         if device is not None or dtype is not None:
             module.to(device=device, dtype=dtype)
         sites = adapter.site_map(module)
@@ -145,10 +146,11 @@ class TracedModel(NNsight):
         else:
             setattr(envoy, site.port, site.view.write(value, raw))
 
-    def run_with_cache(self, images: Tensor, names: NameFilter = None) -> tuple[Any, dict[str, Tensor]]:
+    def run_with_cache(self, images: Tensor, names_filter: NameFilter = None
+                       ) -> tuple[Any, dict[str, Tensor]]:
         """Run on `images` and read sites: (output, {name: tensor}), detached, like TL's
-        `run_with_cache`. `names`: a name, a list, a predicate, or None for every site."""
-        selected = self.select_sites(names)
+        `run_with_cache`. `names_filter`: a name, a list, a predicate, or None for every site."""
+        selected = self.select_sites(names_filter)
         with self.trace(images):
             cache = save({})
             for name in selected:
@@ -216,6 +218,17 @@ class TracedViT(TracedModel):
         from ..hooked.inputs import check_images
 
         check_images(images, self._px_config)
+
+    def site_shapes(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
+        """Every site name with its activation shape, from one traced forward pass on zeros."""
+        import torch
+
+        cfg = self._px_config
+        x = torch.zeros(batch_size, cfg.in_chans, *cfg.img_size, device=self.device,
+                        dtype=cfg.dtype)
+        with torch.no_grad():
+            _, cache = self.run_with_cache(x)
+        return {name: tuple(t.shape) for name, t in cache.items()}
 
     def preprocess(self, image: Any) -> Tensor:
         """An HxWx3 uint8 array or PIL image -> [1, 3, H, W] tensor the way the source expects."""

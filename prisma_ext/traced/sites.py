@@ -130,8 +130,9 @@ class Site:
     (first positional argument); `view`: raw tensor <-> TL layout; `shape`: the TL shape, for
     docs and errors; `in_place`: an assignment copies into the live tensor instead of replacing
     it, because the forward pass also reads that tensor elsewhere (a residual stream that is
-    both a norm's input and the skip connection); `prepare`: run before the site is read, once
-    per trace (returns an undo that runs when the trace ends).
+    both a norm's input and the skip connection; the view must share storage with it);
+    `prepare`: run before the site is read, once per trace (returns an undo that runs when the
+    trace ends).
     """
 
     module: str

@@ -1,0 +1,1 @@
+"""The analysis layer: methods that take either backend and return `AnalysisResult` objects."""

@@ -1,0 +1,84 @@
+"""The patching sweep's plan: which sites, layers, position groups and heads become runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import PrismaError, suggest
+
+SITES = {
+    "resid_pre": "blocks.{}.hook_resid_pre",
+    "resid_mid": "blocks.{}.hook_resid_mid",
+    "resid_post": "blocks.{}.hook_resid_post",
+    "attn_out": "blocks.{}.hook_attn_out",
+    "mlp_out": "blocks.{}.hook_mlp_out",
+    "z": "blocks.{}.attn.hook_z",
+}
+HEAD_SITES = {"z"}
+
+
+def site_name(site: str, layer: int) -> str:
+    return SITES[site].format(layer)
+
+
+def check_sites(sites) -> list[str]:
+    sites = [sites] if isinstance(sites, str) else list(sites)
+    if not sites:
+        raise PrismaError("no sites given")
+    for site in sites:
+        if site not in SITES:
+            raise PrismaError(suggest(site, SITES, "patching site") + f"; sites: {', '.join(SITES)}")
+    return sites
+
+
+def resolve_layers(layers, n_layers: int) -> list[int]:
+    if layers is None or layers == "all":
+        return list(range(n_layers))
+    out = [int(layer) for layer in ([layers] if isinstance(layers, int) else layers)]
+    bad = [layer for layer in out if not 0 <= layer < n_layers]
+    if bad:
+        raise PrismaError(f"layers must lie in [0, {n_layers}), got {bad}")
+    return out
+
+
+def resolve_heads(heads, n_heads: int) -> list[int]:
+    if heads is None or heads == "all":
+        return list(range(n_heads))
+    out = [int(h) for h in ([heads] if isinstance(heads, int) else heads)]
+    bad = [h for h in out if not 0 <= h < n_heads]
+    if bad:
+        raise PrismaError(f"heads must lie in [0, {n_heads}), got {bad}")
+    return out
+
+
+@dataclass
+class Jobs:
+    """Every patched run for one (site, layer): example index, group index, head index (-1: all)."""
+
+    examples: Tensor
+    groups: Tensor
+    heads: Tensor
+
+    def __len__(self) -> int:
+        return self.examples.shape[0]
+
+    def chunks(self, size: int):
+        for start in range(0, len(self), size):
+            sl = slice(start, start + size)
+            yield Jobs(self.examples[sl], self.groups[sl], self.heads[sl])
+
+
+def make_jobs(n_examples: int, n_groups: int, heads: list[int] | None) -> Jobs:
+    head_list = heads if heads is not None else [-1]
+    grid = torch.cartesian_prod(torch.arange(n_examples), torch.arange(n_groups), torch.tensor(head_list))
+    grid = grid.reshape(-1, 3)
+    return Jobs(grid[:, 0], grid[:, 1], grid[:, 2])
+
+
+def default_batch_size(n_tokens: int, d_model: int, d_mlp: int, n_heads: int, budget_bytes: float = 1e9) -> int:
+    """How many patched runs to batch so one chunk's activations stay near `budget_bytes`."""
+    per_run = 4 * n_tokens * (3 * max(d_mlp, 3 * d_model) + 2 * n_heads * n_tokens)
+    return int(max(1, min(512, budget_bytes // per_run)))

@@ -1,0 +1,1 @@
+"""Plotly figures for analysis results (plotly is imported on first use)."""

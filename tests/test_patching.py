@@ -1,0 +1,173 @@
+"""Activation patching (batched, reusing the corrupted run) equals a naive loop of hooked forwards;
+attribution patching and image-text patching on CLIP; bad input."""
+
+import pytest
+import torch
+from clip_helpers import small_open_clip
+from helpers import images_for, small_timm
+
+import prisma_ext as px
+from prisma_ext.analysis.attribution_patching import attribution_patching
+from prisma_ext.analysis.image_text import image_text_patching
+from prisma_ext.analysis.metrics import logit_diff, target_prob
+from prisma_ext.analysis.patching import activation_patching
+from prisma_ext.errors import InputError, PrismaError
+
+SITE_NAMES = {"resid_pre": "blocks.{}.hook_resid_pre", "attn_out": "blocks.{}.hook_attn_out",
+              "mlp_out": "blocks.{}.hook_mlp_out", "z": "blocks.{}.attn.hook_z"}
+
+
+def setup(variant, seed=0):
+    src = small_timm(variant, seed=seed)
+    clean, corrupted = images_for(src, batch=2, seed=1), images_for(src, batch=2, seed=2)
+    metric = logit_diff(torch.tensor([0, 1]), torch.tensor([2, 3]))
+    return src, clean, corrupted, metric
+
+
+def naive_value(model, clean, corrupted, metric, site, layer, positions, head=None, direction="denoising"):
+    """One hooked forward: the clean value at (site, layer, positions[, head]) into the corrupted run."""
+    base, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
+    name = SITE_NAMES[site].format(layer)
+    _, cache = model.run_with_cache(source, names_filter=[name])
+
+    def patch(value, hook):
+        value = value.clone()
+        if head is None:
+            value[:, positions] = cache[name][:, positions]
+        else:
+            value[:, positions, head] = cache[name][:, positions, head]
+        return value
+
+    out = model.run_with_hooks(base, fwd_hooks=[(name, patch)])
+    return metric(out, torch.arange(base.shape[0]))
+
+
+@pytest.mark.parametrize("variant", ["plain", "dinov2_reg4"])
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_batched_sweep_equals_naive_loop(variant, direction):
+    src, clean, corrupted, metric = setup(variant)
+    model = px.load(src)
+    result = activation_patching(model, clean, corrupted, metric, batch_size=7, direction=direction,
+                                 progress=False)
+    n_tokens, n_heads = model.layout.n_tokens, model.cfg.n_heads
+    with torch.no_grad():
+        for site in SITE_NAMES:
+            values = result[site].values
+            for layer in range(model.cfg.n_layers):
+                for pos in range(n_tokens):
+                    if site == "z":
+                        for head in range(n_heads):
+                            want = naive_value(model, clean, corrupted, metric, site, layer, [pos], head, direction)
+                            torch.testing.assert_close(values[:, layer, head, pos], want, atol=1e-5, rtol=0)
+                    else:
+                        want = naive_value(model, clean, corrupted, metric, site, layer, [pos], None, direction)
+                        torch.testing.assert_close(values[:, layer, pos], want, atol=1e-5, rtol=0)
+    assert result["z"].dims == ("batch", "layer", "head", "token")
+    assert result["resid_pre"].values.shape == (2, model.cfg.n_layers, n_tokens)
+
+
+@pytest.mark.parametrize("variant", ["plain", "dinov2_reg4", "gap_no_cls"])
+def test_both_backends_give_the_same_sweep(variant):
+    src, clean, corrupted, metric = setup(variant, seed=4)
+    tl = activation_patching(px.load(src), clean, corrupted, metric, positions="rows", progress=False)
+    nn = activation_patching(px.load(src, backend="nnsight"), clean, corrupted, metric, positions="rows",
+                             progress=False)
+    assert nn.meta["backend"] == "nnsight" and not nn.meta["reuse"]
+    for site in tl:
+        torch.testing.assert_close(nn[site].values, tl[site].values, atol=1e-5, rtol=0)
+
+
+def test_patching_everything_or_nothing():
+    src, clean, corrupted, metric = setup("dinov2_reg4")
+    model = px.load(src)
+    every = list(range(model.layout.n_tokens))
+    result = activation_patching(model, clean, corrupted, metric, sites="resid_pre", layers=0,
+                                 positions={"every token": every, "no token": []}, progress=False)
+    values = result["resid_pre"].values  # [batch, 1, 2]
+    torch.testing.assert_close(values[:, 0, 0], result.meta["clean_metric"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(values[:, 0, 1], result.meta["corrupted_metric"], atol=1e-5, rtol=0)
+    assert (result.meta["clean_metric"] - result.meta["corrupted_metric"]).abs().min() > 1e-3
+    norm = activation_patching(model, clean, corrupted, metric, sites="resid_pre", layers=0,
+                               positions={"every token": every, "no token": []}, normalize=True, progress=False)
+    torch.testing.assert_close(norm["resid_pre"].values[:, 0], torch.tensor([[1.0, 0.0]] * 2), atol=1e-4, rtol=0)
+
+
+def test_position_specs_and_tables():
+    src, clean, corrupted, metric = setup("dinov2_reg4")
+    model = px.load(src)
+    grid = model.layout.grid
+    mask = torch.zeros(grid, dtype=torch.bool)
+    mask[0, :] = True
+    by_mask = activation_patching(model, clean, corrupted, metric, sites="resid_pre", positions=mask, progress=False)
+    by_rows = activation_patching(model, clean, corrupted, metric, sites="resid_pre", positions="rows",
+                                  progress=False)
+    torch.testing.assert_close(by_mask["resid_pre"].values[..., 0], by_rows["resid_pre"].values[..., 0])
+    prefix = activation_patching(model, clean, corrupted, metric, sites="mlp_out", positions="prefix",
+                                 progress=False)
+    assert prefix["mlp_out"].labels("position") == ["cls", "reg0", "reg1", "reg2", "reg3"]
+    patches = activation_patching(model, clean, corrupted, target_prob(1), sites="attn_out", positions="patches",
+                                  progress=False)
+    assert patches["attn_out"].grid().shape == (2, model.cfg.n_layers, *grid)
+    table = patches.to_dataframe()
+    assert set(table.columns) >= {"batch", "layer", "patch", "value", "site"} and len(table) == 2 * 2 * 9
+    assert patches.plot(batch=1).data
+
+
+def test_attribution_patching_matches_on_both_backends_and_is_exact_where_linear():
+    src, clean, corrupted, metric = setup("plain", seed=6)
+    tl = attribution_patching(px.load(src), clean, corrupted, metric)
+    nn = attribution_patching(px.load(src, backend="nnsight"), clean, corrupted, metric)
+    for site in tl:
+        torch.testing.assert_close(nn[site].values, tl[site].values, atol=1e-5, rtol=0)
+    # patching nothing: the estimate is the corrupted metric itself
+    empty = attribution_patching(px.load(src), clean, corrupted, metric, sites="resid_pre", positions=[[]])
+    torch.testing.assert_close(empty["resid_pre"].values[:, :, 0],
+                               empty.meta["corrupted_metric"][:, None].expand(2, 2), atol=1e-6, rtol=0)
+
+
+def test_image_text_patching_on_clip():
+    clip = px.load(small_open_clip("ViT-B-16"))
+    clean, corrupted = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    every = {"all": list(range(clip.visual.layout.n_tokens))}
+    for layer in range(clip.visual.cfg.n_layers):
+        result = image_text_patching(clip, clean, corrupted, ["a photo of a cat", "a photo of a dog"],
+                                     sites=("resid_pre",), layers=layer, positions=every, progress=False)
+        torch.testing.assert_close(result["resid_pre"].values[:, 0, 0], result.meta["clean_metric"],
+                                   atol=1e-5, rtol=0)
+    with torch.no_grad():
+        texts = clip.encode_text(["a photo of a cat", "a photo of a dog"], normalize=True)
+        sims = clip.logit_scale.exp() * clip.encode_image(clean, normalize=True) @ texts.T
+    torch.testing.assert_close(result.meta["clean_metric"], sims[:, 0] - sims[:, 1], atol=1e-5, rtol=0)
+
+    text = image_text_patching(clip, ["a photo of a cat", "a red car"], ["a photo of a dog", "a blue car"],
+                               images=torch.randn(1, 3, 32, 32), tower="text", sites=("resid_pre", "z"),
+                               progress=False)
+    values = text["resid_pre"].values  # [prompt, layer, position]
+    torch.testing.assert_close(values[0, 0, 5], text.meta["clean_metric"][0], atol=1e-5, rtol=0)  # "cat"
+    torch.testing.assert_close(values[1, 0, 2], text.meta["clean_metric"][1], atol=1e-5, rtol=0)  # "red"
+    torch.testing.assert_close(values[0, 0, 2], text.meta["corrupted_metric"][0], atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="same number of tokens"):
+        image_text_patching(clip, ["a cat"], ["a big dog"], images=torch.randn(1, 3, 32, 32), tower="text")
+
+
+def test_bad_input():
+    src, clean, corrupted, metric = setup("plain")
+    model = px.load(src)
+    with pytest.raises(InputError, match="same shape"):
+        activation_patching(model, clean, corrupted[:1], metric, progress=False)
+    with pytest.raises(InputError, match="same shape"):
+        attribution_patching(model, clean, corrupted[..., :16], metric)
+    with pytest.raises(PrismaError, match="one number per example"):
+        activation_patching(model, clean, corrupted, lambda out: out, progress=False)
+    with pytest.raises(PrismaError, match="one number per example"):
+        attribution_patching(model, clean, corrupted, lambda out: out.sum())
+    with pytest.raises(PrismaError, match="closest: resid_pre"):
+        activation_patching(model, clean, corrupted, metric, sites=["resid_pr"], progress=False)
+    with pytest.raises(PrismaError, match="direction"):
+        activation_patching(model, clean, corrupted, metric, direction="sideways", progress=False)
+    with pytest.raises(PrismaError, match="layers must lie"):
+        activation_patching(model, clean, corrupted, metric, layers=[5], progress=False)
+    with pytest.raises(PrismaError, match="patch grid's shape"):
+        activation_patching(model, clean, corrupted, metric, positions=torch.ones(3, 3, dtype=torch.bool),
+                            progress=False)
+    assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
