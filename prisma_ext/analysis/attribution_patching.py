@@ -14,30 +14,20 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import PrismaError
-from .backend import Backend
 from .metrics import call_metric
-from .patching import _result, check_pair
-from .positions import resolve_positions
+from .patching import _result
 from .results import ResultSet
-from .sweep import HEAD_SITES, check_sites, resolve_heads, resolve_layers, site_name
+from .sweep import HEAD_SITES, make_plan, site_name
 
 
 def attribution_patching(model, clean: Tensor, corrupted: Tensor, metric: Callable,
                          sites=("resid_pre", "attn_out", "mlp_out", "z"), positions="all", heads="all",
                          layers=None, direction: str = "denoising", normalize: bool = False) -> ResultSet:
     """Same arguments and result layout as `activation_patching`; see the module docstring."""
-    be = Backend.of(model)
-    check_pair(clean, corrupted)
-    if direction not in ("denoising", "noising"):
-        raise PrismaError(f"direction must be 'denoising' or 'noising', got {direction!r}")
-    sites = check_sites(sites)
-    cfg = be.cfg
-    layer_list = resolve_layers(layers, cfg.n_layers)
-    head_list = resolve_heads(heads, cfg.n_heads)
-    groups = resolve_positions(positions, be.layout)
+    plan = make_plan(model, clean, corrupted, sites, positions, heads, layers, direction)
+    be, sites, layer_list, head_list, groups = plan.backend, plan.sites, plan.layers, plan.heads, plan.groups
+    base_input, source_input = plan.base_input, plan.source_input
     names = [site_name(s, layer) for s in sites for layer in layer_list]
-    base_input, source_input = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
     n = clean.shape[0]
     examples = torch.arange(n)
     with torch.no_grad():

@@ -16,17 +16,15 @@ from torch import Tensor
 from ..errors import InputError, PrismaError
 from .backend import Backend
 from .metrics import call_metric
-from .positions import PositionGroups, resolve_positions
+from .positions import PositionGroups
 from .result import AnalysisResult
 from .results import ResultSet
 from .sweep import (
     HEAD_SITES,
     Jobs,
-    check_sites,
     default_batch_size,
     make_jobs,
-    resolve_heads,
-    resolve_layers,
+    make_plan,
     site_name,
 )
 
@@ -101,22 +99,16 @@ def activation_patching(model, clean: Tensor, corrupted: Tensor, metric: Callabl
     Returns a ResultSet: site -> AnalysisResult with values [batch, layer, position] (plus a
     head axis for "z"), and meta holding the clean and corrupted metric values.
     """
-    be = Backend.of(model)
-    check_pair(clean, corrupted)
-    if direction not in ("denoising", "noising"):
-        raise PrismaError(f"direction must be 'denoising' or 'noising', got {direction!r}")
-    sites = check_sites(sites)
+    plan = make_plan(model, clean, corrupted, sites, positions, heads, layers, direction)
+    be, sites, layer_list, head_list, groups = plan.backend, plan.sites, plan.layers, plan.heads, plan.groups
+    base_input, source_input = plan.base_input, plan.source_input
     cfg = be.cfg
-    layer_list = resolve_layers(layers, cfg.n_layers)
-    head_list = resolve_heads(heads, cfg.n_heads)
-    groups = resolve_positions(positions, be.layout)
     reuse = be.kind == "tl" if reuse is None else reuse
     if reuse and be.kind != "tl":
         raise PrismaError("reuse=True restarts the forward pass mid-model, which only the TL backend does")
     names = [site_name(s, layer) for s in sites for layer in layer_list]
     if reuse:
         names += [site_name("resid_pre", layer) for layer in layer_list]
-    base_input, source_input = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
     with torch.no_grad():
         base = be.run(base_input, read=names)
         source = be.run(source_input, read=names)
@@ -128,11 +120,11 @@ def activation_patching(model, clean: Tensor, corrupted: Tensor, metric: Callabl
 
     sweep = Sweep(be, base_input, base.acts, source.acts, groups, reuse, _run_from(be) if reuse else None)
     size = batch_size or default_batch_size(be.layout.n_tokens, cfg.d_model, cfg.d_mlp, cfg.n_heads)
-    plan = [(s, layer) for s in sites for layer in layer_list]
-    total = sum(len(make_jobs(n, len(groups), head_list if s in HEAD_SITES else None)) for s, _ in plan)
+    todo = [(s, layer) for s in sites for layer in layer_list]
+    total = sum(len(make_jobs(n, len(groups), head_list if s in HEAD_SITES else None)) for s, _ in todo)
     results: dict[str, Tensor] = {}
     with torch.no_grad(), _progress(total, progress, "activation patching") as bar:
-        for site, layer in plan:
+        for site, layer in todo:
             site_heads = head_list if site in HEAD_SITES else None
             jobs = make_jobs(n, len(groups), site_heads)
             shape = (n, len(layer_list), *([len(site_heads)] if site_heads else []), len(groups))

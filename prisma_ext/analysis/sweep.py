@@ -82,3 +82,31 @@ def default_batch_size(n_tokens: int, d_model: int, d_mlp: int, n_heads: int, bu
     """How many patched runs to batch so one chunk's activations stay near `budget_bytes`."""
     per_run = 4 * n_tokens * (3 * max(d_mlp, 3 * d_model) + 2 * n_heads * n_tokens)
     return int(max(1, min(512, budget_bytes // per_run)))
+
+
+@dataclass
+class Plan:
+    """A resolved patching request: what runs where, for either patching method."""
+
+    backend: object
+    sites: list[str]
+    layers: list[int]
+    heads: list[int]
+    groups: object
+    base_input: Tensor
+    source_input: Tensor
+
+
+def make_plan(model, clean: Tensor, corrupted: Tensor, sites, positions, heads, layers, direction: str) -> Plan:
+    """Check the inputs and resolve sites, layers, heads and positions against the model."""
+    from .backend import Backend
+    from .patching import check_pair
+    from .positions import resolve_positions
+
+    be = Backend.of(model)
+    check_pair(clean, corrupted)
+    if direction not in ("denoising", "noising"):
+        raise PrismaError(f"direction must be 'denoising' or 'noising', got {direction!r}")
+    base, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
+    return Plan(be, check_sites(sites), resolve_layers(layers, be.cfg.n_layers), resolve_heads(heads, be.cfg.n_heads),
+                resolve_positions(positions, be.layout), base, source)

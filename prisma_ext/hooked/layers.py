@@ -53,7 +53,19 @@ class LayerNorm(nn.Module):
         return self.hook_normalized(x)
 
 
-class Attention(nn.Module):
+class CircuitViews:
+    """TL's factored circuits from `W_Q/W_K/W_V/W_O` (per layer, or stacked over layers)."""
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_V, self.W_O)
+
+
+class Attention(CircuitViews, nn.Module):
     """Multi-head self-attention with fused qkv and output projections (nn.Linear layout).
 
     Sites: `hook_q/k/v` and `hook_z` [batch, pos, head, d_head]; `hook_attn_scores` and
@@ -94,14 +106,6 @@ class Attention(nn.Module):
     b_V = property(lambda self: self._b_in(2))
     W_O = property(lambda self: self.proj.weight.T.view(self.n_heads, self.d_head, -1))
     b_O = property(lambda self: self.proj.bias)
-
-    @property
-    def QK(self) -> FactoredMatrix:
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
-
-    @property
-    def OV(self) -> FactoredMatrix:
-        return FactoredMatrix(self.W_V, self.W_O)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, pos, _ = x.shape

@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
-from transformer_lens.FactoredMatrix import FactoredMatrix
 
 from ..errors import PrismaError, UnknownNameError, suggest
+from .layers import CircuitViews
 
 
 class CheckedHookedRoot(HookedRootModule):
@@ -70,7 +70,7 @@ def _rekey(key: str, rel: dict[str, str]) -> str:
     return rel.get(key, key)
 
 
-class TowerWeightViews:
+class TowerWeightViews(CircuitViews):
     """TL's stacked weight views over `self.blocks` ([layer, head, ...]) and accumulated biases."""
 
     def _stack(self, attr: str, part: str = "attn") -> Tensor:
@@ -88,14 +88,6 @@ class TowerWeightViews:
     W_out = property(lambda self: self._stack("W_out", "mlp"))
     b_in = property(lambda self: self._stack("b_in", "mlp"))
     b_out = property(lambda self: self._stack("b_out", "mlp"))
-
-    @property
-    def QK(self) -> FactoredMatrix:
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
-
-    @property
-    def OV(self) -> FactoredMatrix:
-        return FactoredMatrix(self.W_V, self.W_O)
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False,
                          include_mlp_biases: bool = True) -> Tensor:
