@@ -17,7 +17,7 @@ HOOKED_OPTIONS = ("fold_ln", "center_writing_weights", "fold_value_biases", "use
 
 
 def load(source: str | nn.Module, backend: str = "tl", pretrained: bool | str | os.PathLike = True,
-         **kwargs: Any):
+         remote: bool | str = False, **kwargs: Any):
     """Load a ViT or CLIP model as a hooked model (HookedViT or HookedCLIP).
 
     `source`: "timm:NAME" (any timm VisionTransformer config, e.g. "timm:vit_small_patch16_224",
@@ -29,10 +29,19 @@ def load(source: str | nn.Module, backend: str = "tl", pretrained: bool | str | 
     local checkpoint. `kwargs`: HookedViT options (fold_ln, center_writing_weights,
     fold_value_biases, use_attn_result, device, dtype); the rest goes to the source's
     constructor (e.g. img_size=..., num_classes=..., dynamic_img_size=True for timm).
+    `remote` (nnsight backend, "hf:REPO_ID" CLIP checkpoints): True to run traces on NDIF,
+    "local" for nnsight's local simulation of that round trip; the model is then built without
+    weights (a `RemoteTracedCLIP`; `revision=` picks the checkpoint revision).
     """
     if backend not in BACKENDS:
         raise PrismaError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     options = {k: kwargs.pop(k) for k in HOOKED_OPTIONS if k in kwargs}
+    if remote:
+        if backend != "nnsight":
+            raise PrismaError("remote execution runs nnsight traces: pass backend='nnsight' with remote=...")
+        from .traced.remote import load_remote
+
+        return load_remote(source, pretrained, remote, options, kwargs)
     if isinstance(source, nn.Module):
         if kwargs:
             raise PrismaError(f"constructor arguments {sorted(kwargs)} only apply to a named source")

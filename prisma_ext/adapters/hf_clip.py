@@ -148,5 +148,21 @@ class HFCLIPAdapter(Adapter):
 
         return build_hooked_clip(self, model, model.logit_scale, None, options)
 
+    # ---------------------------------------------------------------- nnsight sites
+    def site_map(self, model: nn.Module) -> dict:
+        """HookedCLIP's site names on the transformers modules (a `CLIPVisionModel`: HookedViT's
+        unprefixed names), image tower first; see `prisma_ext.traced.clip_sites`."""
+        from ..traced.clip_sites import hf_text, hf_vision
+
+        if not hasattr(model, "text_model"):
+            return hf_vision(model, prefix="")
+        return {**hf_vision(model, prefix="visual."), **hf_text(model)}
+
+    def to_traced(self, model: nn.Module, **options):
+        """Wrap the original transformers model for nnsight (a `TracedCLIP`); options: device, dtype."""
+        from ..traced.clip import TracedCLIP
+
+        return TracedCLIP(model, adapter=self, **options)
+
 
 ADAPTERS = [HFCLIPAdapter()]

@@ -214,5 +214,20 @@ class OpenCLIPAdapter(Adapter):
         bias = getattr(model, "logit_bias", None)
         return build_hooked_clip(self, model, model.logit_scale, bias, options)
 
+    # ---------------------------------------------------------------- nnsight sites
+    def site_map(self, model: nn.Module) -> dict:
+        """HookedCLIP's site names on open_clip's own modules, image tower first (nnsight backend).
+        q/k/v, z and the pattern come from a per-trace explicit attention body
+        (`prisma_ext.traced.attention`); see `prisma_ext.traced.clip_sites`."""
+        from ..traced.clip_sites import open_clip_text, open_clip_visual
+
+        return {**open_clip_visual(model.visual), **open_clip_text(model)}
+
+    def to_traced(self, model: nn.Module, **options):
+        """Wrap the original open_clip model for nnsight (a `TracedCLIP`); options: device, dtype."""
+        from ..traced.clip import TracedCLIP
+
+        return TracedCLIP(model, adapter=self, **options)
+
 
 ADAPTERS = [OpenCLIPAdapter()]

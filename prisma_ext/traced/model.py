@@ -17,6 +17,7 @@ from typing import Any
 
 from nnsight import NNsight, save
 from nnsight.intervention.eproperty import eproperty
+from nnsight.intervention.interleaver import Mediator
 from nnsight.intervention.util import first_input, replace_first_input
 from torch import Tensor, nn
 
@@ -42,7 +43,7 @@ def _site_property(site: Site) -> eproperty:
     flows on: in-place edits reach the output and `.grad` on it is the real gradient."""
     view = site.view
     prop = eproperty(key=site.port)
-    if site.port == "output":
+    if site.port != "input":  # a module's output, or a value a swapped forward serves
         def served(host: _Port, raw: Any) -> Tensor:
             return view.read(raw)
 
@@ -83,29 +84,51 @@ class TracedModel(NNsight):
         adapter.check(module)
         if device is not None or dtype is not None:
             module.to(device=device, dtype=dtype)
-        sites = adapter.site_map(module)
-        config = adapter.config(module)
         super().__init__(module)
+        self._px_bind(module, adapter)
+
+    def _px_bind(self, module: nn.Module, adapter: Any) -> None:
+        """Read the adapter's site map and config of `module` (after nnsight wrapped it; a
+        subclass that builds its module some other way, e.g. from a repo id, calls this)."""
         self._px_adapter = adapter
-        self._px_sites: dict[str, Site] = dict(sites)
+        self._px_sites: dict[str, Site] = dict(adapter.site_map(module))
         self._px_order = {name: i for i, name in enumerate(self._px_sites)}
-        self._px_config = config
+        self._px_config = adapter.config(module)
         self._px_props: dict[str, eproperty] = {}
         self._px_undo: list[Undo] = []
+
+    # Rebuilt from the module where a pickled model lands (`_px_live`), not pickled: a remote
+    # (or simulated) request ships the model, and unpickling these would import the TL backend.
+    _PX_DERIVED = ("_px_adapter", "_px_config")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_px_props"], state["_px_undo"] = {}, []  # a per-process cache; empty between traces
+        state.update(dict.fromkeys(self._PX_DERIVED))
+        return state
+
+    def _px_live(self) -> None:
+        """Rebuild the adapter and configs from the module after unpickling (once)."""
+        if self.__dict__.get("_px_adapter") is None:
+            from ..adapters import adapter_for
+
+            self._px_bind(self._module, adapter_for(self._module))
 
     # ------------------------------------------------------------------ what is here
     @property
     def adapter(self) -> Any:
+        self._px_live()
         return self._px_adapter
 
     @property
     def cfg(self) -> Any:
         """The adapter's config of the source (a `ViTConfig` for a ViT)."""
+        self._px_live()
         return self._px_config
 
     @property
     def layout(self) -> TokenLayout:
-        return self._px_config.layout
+        return self.cfg.layout
 
     @property
     def site_names(self) -> list[str]:
@@ -126,7 +149,7 @@ class TracedModel(NNsight):
         """
         site = self._lookup(name)
         envoy = self._enter(name, site)
-        if site.view.identity:
+        if site.view.identity and site.port in ("output", "input"):
             return getattr(envoy, site.port)
         prop = self._px_props.get(name)
         if prop is None:
@@ -138,11 +161,15 @@ class TracedModel(NNsight):
         the site's shape (e.g. one [d_model] vector for every token)."""
         site = self._lookup(name)
         envoy = self._enter(name, site)
-        raw = getattr(envoy, site.port)
+        named = site.port not in ("output", "input")  # a value a swapped forward serves
+        location = f"{envoy.path}.{site.port}"
+        raw = Mediator.value(location) if named else getattr(envoy, site.port)
         current = site.view.read(raw)
         value = _conform(name, site, value, current)
         if site.in_place:
             current.copy_(value)
+        elif named:
+            Mediator.swap(location, site.view.write(value, raw))
         else:
             setattr(envoy, site.port, site.view.write(value, raw))
 
@@ -176,12 +203,17 @@ class TracedModel(NNsight):
     def _lookup(self, name: str) -> Site:
         site = self._px_sites.get(name)
         if site is None:
-            last = name.rsplit(".", 1)[-1] if isinstance(name, str) else ""
-            why = f" ({last} is not mapped here: {NOT_MAPPED[last]})" if last in NOT_MAPPED else ""
+            why = self._not_mapped_reason(name)
+            why = f" ({why})" if why else ""
             raise UnknownNameError(suggest(str(name), self._px_sites, "site") + why +
                                    f"; model.site_names lists the {len(self._px_sites)} sites of "
                                    f"this {type(self._module).__name__}")
         return site
+
+    def _not_mapped_reason(self, name: Any) -> str:
+        """Why a TL name has no site here ("" when it is simply unknown)."""
+        last = name.rsplit(".", 1)[-1] if isinstance(name, str) else ""
+        return f"{last} is not mapped here: {NOT_MAPPED[last]}" if last in NOT_MAPPED else ""
 
     def _enter(self, name: str, site: Site) -> Any:
         """The envoy that serves `site`, after running its prepare step for this trace."""
@@ -217,13 +249,13 @@ class TracedViT(TracedModel):
     def _check_images(self, images: Tensor) -> None:
         from ..hooked.inputs import check_images
 
-        check_images(images, self._px_config)
+        check_images(images, self.cfg)
 
     def site_shapes(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
         """Every site name with its activation shape, from one traced forward pass on zeros."""
         import torch
 
-        cfg = self._px_config
+        cfg = self.cfg
         x = torch.zeros(batch_size, cfg.in_chans, *cfg.img_size, device=self.device,
                         dtype=cfg.dtype)
         with torch.no_grad():
@@ -234,7 +266,7 @@ class TracedViT(TracedModel):
         """An HxWx3 uint8 array or PIL image -> [1, 3, H, W] tensor the way the source expects."""
         from ..images import to_model_input
 
-        return to_model_input(image, self._px_config).to(self.device)
+        return to_model_input(image, self.cfg).to(self.device)
 
 
 def _conform(name: str, site: Site, value: Any, current: Tensor) -> Tensor:

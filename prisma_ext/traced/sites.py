@@ -1,9 +1,11 @@
 """Site specs: where a TransformerLens site lives in a source module and how to cut it out.
 
-A `Site` names a submodule (dotted path from the root module), a port (its "output", or its
-"input": the first positional argument) and a `View` that turns that raw tensor into the TL
-layout and back. Adapters build an ordered `{tl_name: Site}` map (`Adapter.site_map`) that the
-nnsight backend reads and writes through. Nothing here imports nnsight.
+A `Site` names a submodule (dotted path from the root module), a port (its "output", its
+"input": the first positional argument, or a named value that a swapped-in forward serves, e.g.
+the attention pattern of open_clip's `nn.MultiheadAttention`, see `traced.attention`) and a `View`
+that turns that raw tensor into the TL layout and back. Adapters build an ordered
+`{tl_name: Site}` map (`Adapter.site_map`) that the nnsight backend reads and writes through.
+Nothing here imports nnsight.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-Port = Literal["output", "input"]
+Port = Literal["output", "input"] | str  # any other name: a value served by a swapped forward
 Undo = Callable[[], None]
 
 
@@ -91,6 +93,38 @@ class Unsqueeze(View):
 
 
 @dataclass(frozen=True)
+class TupleItem(View):
+    """Item `index` of a module's tuple output (Hugging Face attention returns (out, weights));
+    a bare tensor passes through (layers that return one in newer transformers)."""
+
+    index: int = 0
+    identity = False
+
+    def read(self, raw) -> Tensor:
+        return raw[self.index] if isinstance(raw, (tuple, list)) else raw
+
+    def write(self, value: Tensor, raw):
+        if not isinstance(raw, (tuple, list)):
+            return value
+        items = list(raw)
+        items[self.index] = value
+        return tuple(items) if isinstance(raw, tuple) else items
+
+
+@dataclass(frozen=True)
+class ConvTokens(View):
+    """A patch convolution's output [batch, d, rows, cols] <-> tokens [batch, rows * cols, d]."""
+
+    identity = False
+
+    def read(self, raw: Tensor) -> Tensor:
+        return raw.flatten(2).transpose(1, 2)
+
+    def write(self, value: Tensor, raw: Tensor) -> Tensor:
+        return value.transpose(1, 2).reshape(raw.shape)
+
+
+@dataclass(frozen=True)
 class FlattenGrid(View):
     """Channels-last patches [batch, rows, cols, d] <-> tokens [batch, rows * cols, d]."""
 
@@ -126,8 +160,9 @@ class SetAttr:
 class Site:
     """A TL site inside a source module.
 
-    `module`: dotted path of the submodule ("" for the root); `port`: its "output" or "input"
-    (first positional argument); `view`: raw tensor <-> TL layout; `shape`: the TL shape, for
+    `module`: dotted path of the submodule ("" for the root); `port`: its "output", "input"
+    (first positional argument) or the name of a value its swapped-in forward serves (set up by
+    `prepare`, e.g. "pattern"); `view`: raw tensor <-> TL layout; `shape`: the TL shape, for
     docs and errors; `in_place`: an assignment copies into the live tensor instead of replacing
     it, because the forward pass also reads that tensor elsewhere (a residual stream that is
     both a norm's input and the skip connection; the view must share storage with it);
@@ -152,4 +187,8 @@ NOT_MAPPED = {
                       "activation); read blocks.0.hook_resid_pre for their sum",
     "hook_embed": "without a pre-norm the tokens are only materialised with positions added; "
                   "read hook_patch_embed or blocks.0.hook_resid_pre",
+    "hook_pooled": "the source slices or averages the pooled token inline (no module sees it); read "
+                   "the final residual stream or ln_final.hook_normalized",
+    "hook_text_embed": "the text projection is a Parameter applied inline (x @ text_projection), not "
+                       "a module; read text.ln_final.hook_normalized",
 }
