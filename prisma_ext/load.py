@@ -11,7 +11,7 @@ from torch import nn
 from .errors import PrismaError, UnknownNameError, UnsupportedModelError, suggest
 
 BACKENDS = ("tl", "nnsight")
-SOURCE_PREFIXES = ("timm", "open_clip", "hf")
+SOURCE_PREFIXES = ("timm", "open_clip", "hf", "builtin")
 HOOKED_OPTIONS = ("fold_ln", "center_writing_weights", "fold_value_biases", "use_attn_result",
                   "device", "dtype")
 
@@ -23,15 +23,15 @@ def load(source: str | nn.Module, backend: str = "tl", pretrained: bool | str | 
     `source`: "timm:NAME" (any timm VisionTransformer config, e.g. "timm:vit_small_patch16_224",
     tags allowed: "timm:vit_small_patch16_224.augreg_in21k_ft_in1k"), "open_clip:ARCH" or
     "open_clip:ARCH/TAG" (e.g. "open_clip:ViT-B-32/openai"), "hf:REPO_OR_DIR" (a Hugging Face
-    CLIPModel or CLIPVisionModel), or a module instance of any of these (or one a registered
-    adapter recognises).
+    CLIPModel, CLIPVisionModel, ViTForImageClassification or ViTModel), or a module instance of
+    any of these (or one a registered adapter recognises).
     `pretrained`: True for the source's published weights, False for random ones, or a path to a
     local checkpoint. `kwargs`: HookedViT options (fold_ln, center_writing_weights,
     fold_value_biases, use_attn_result, device, dtype); the rest goes to the source's
     constructor (e.g. img_size=..., num_classes=..., dynamic_img_size=True for timm).
-    `remote` (nnsight backend, "hf:REPO_ID" CLIP checkpoints): True to run traces on NDIF,
+    `remote` (nnsight backend, "hf:REPO_ID" CLIP and ViT checkpoints): True to run traces on NDIF,
     "local" for nnsight's local simulation of that round trip; the model is then built without
-    weights (a `RemoteTracedCLIP`; `revision=` picks the checkpoint revision).
+    weights (a `RemoteTracedCLIP` or `RemoteTracedViT`; `revision=` picks the checkpoint revision).
     """
     if backend not in BACKENDS:
         raise PrismaError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
@@ -66,7 +66,7 @@ def _build_named(source: str, pretrained, kwargs: dict) -> nn.Module:
                                f"{', '.join(p + ':NAME' for p in SOURCE_PREFIXES)}")
     if prefix not in SOURCE_PREFIXES:
         raise UnknownNameError(suggest(prefix, SOURCE_PREFIXES, "source prefix"))
-    build = {"timm": _build_timm, "open_clip": _build_open_clip, "hf": _build_hf}[prefix]
+    build = {"timm": _build_timm, "open_clip": _build_open_clip, "hf": _build_hf, "builtin": _build_builtin}[prefix]
     return build(name, pretrained, kwargs)
 
 
@@ -161,7 +161,7 @@ def _build_open_clip(name: str, pretrained, kwargs: dict) -> nn.Module:
 
 
 def _build_hf(name: str, pretrained, kwargs: dict) -> nn.Module:
-    from transformers import AutoConfig, CLIPModel, CLIPVisionModel
+    from transformers import AutoConfig, CLIPModel, CLIPVisionModel, ViTForImageClassification, ViTModel
 
     source = str(pretrained) if _is_path(pretrained) else name
     try:
@@ -169,7 +169,11 @@ def _build_hf(name: str, pretrained, kwargs: dict) -> nn.Module:
     except (OSError, ValueError) as err:
         raise PrismaError(f"could not read the config of hf:{source} ({type(err).__name__}: {err}). "
                           "Offline? Save the model with save_pretrained and pass its folder") from err
-    classes = {"clip": CLIPModel, "clip_vision_model": CLIPVisionModel}
+    vit_model = "ViTModel" in (getattr(config, "architectures", None) or [])
+    classes = {"clip": CLIPModel, "clip_vision_model": CLIPVisionModel,
+               "vit": ViTModel if vit_model else ViTForImageClassification}
+    if config.model_type == "vit" and vit_model:
+        kwargs = dict(kwargs, add_pooling_layer=False)  # its pooler (dense + tanh) has no HookedViT part
     if config.model_type not in classes:
         raise UnsupportedModelError(f"hf:{name}: model type {config.model_type!r} is not supported; "
                                     f"supported: {', '.join(classes)}")
@@ -181,3 +185,12 @@ def _build_hf(name: str, pretrained, kwargs: dict) -> nn.Module:
     module.eval()
     module._prisma_source = f"hf:{name}"
     return module
+
+
+def _build_builtin(name: str, pretrained, kwargs: dict) -> nn.Module:
+    """A model of `prisma_ext.zoo` ("shapes-vit", "shapes-clip"): shipped weights, offline."""
+    from .zoo import build
+
+    if kwargs:
+        raise PrismaError(f"builtin:{name} takes no constructor arguments, got {sorted(kwargs)}")
+    return build(name, pretrained)

@@ -10,7 +10,7 @@ from ..errors import UnsupportedModelError
 from .base import Adapter
 
 _BUILTIN_MODULES = ("prisma_ext.adapters.timm_vit", "prisma_ext.adapters.open_clip",
-                    "prisma_ext.adapters.hf_clip")
+                    "prisma_ext.adapters.hf_vit", "prisma_ext.adapters.hf_clip")
 _user_adapters: list[Adapter] = []
 _builtin_adapters: list[Adapter] = []
 

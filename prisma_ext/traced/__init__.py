@@ -1,7 +1,7 @@
 """The nnsight backend: original source modules traced by nnsight, read by TL site names.
 
 `px.load(source, backend="nnsight")` returns a `TracedViT` (timm) or a `TracedCLIP` (open_clip,
-Hugging Face CLIP); with `remote=` a `RemoteTracedCLIP`. `sites` and `clip_sites` (site specs
+Hugging Face CLIP); with `remote=` a `RemoteTracedCLIP` or `RemoteTracedViT`. `sites` and `clip_sites` (site specs
 that adapters build) import nothing heavy; `model` imports nnsight, on first use.
 """
 
@@ -11,13 +11,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 _LAZY = {"TracedModel": "prisma_ext.traced.model", "TracedViT": "prisma_ext.traced.model",
-         "TracedCLIP": "prisma_ext.traced.clip", "RemoteTracedCLIP": "prisma_ext.traced.remote"}
-__all__ = ["RemoteTracedCLIP", "TracedCLIP", "TracedModel", "TracedViT"]
+         "TracedCLIP": "prisma_ext.traced.clip", "RemoteTracedCLIP": "prisma_ext.traced.remote",
+         "RemoteTracedViT": "prisma_ext.traced.remote"}
+__all__ = ["RemoteTracedCLIP", "RemoteTracedViT", "TracedCLIP", "TracedModel", "TracedViT"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .clip import TracedCLIP
     from .model import TracedModel, TracedViT
-    from .remote import RemoteTracedCLIP
+    from .remote import RemoteTracedCLIP, RemoteTracedViT
 
 
 def __getattr__(name: str):

@@ -5,7 +5,8 @@ image tower runs first in both libraries). Names carry the tower prefix (`visual
 none for a vision-only model, like its HookedViT). Semantics are HookedCLIP's: `hook_attn_out`
 and `hook_mlp_out` are what a block adds to the residual stream (after open_clip's layer scale),
 `hook_resid_mid` is the norm's input (the residual stream itself, so assignments copy into it),
-q/k/v/z are per head, the pattern is the softmax output. Nothing here imports nnsight.
+q/k/v/z are per head, the pattern is the softmax output. Hugging Face ViT classifiers (`hf_vit`)
+reuse the Hugging Face layer code under their own module names. Nothing here imports nnsight.
 """
 
 from __future__ import annotations
@@ -95,26 +96,35 @@ def open_clip_text(model: nn.Module, prefix: str = "text.") -> dict[str, Site]:
 
 
 # ---------------------------------------------------------------------------- Hugging Face
-def hf_layers(prefix: str, path: str, layers: nn.ModuleList) -> dict[str, Site]:
-    """Sites of Hugging Face `CLIPEncoderLayer`s at `path` (e.g. "vision_model.encoder.layers").
+HF_CLIP_LAYER = dict(attn="self_attn", ln1="layer_norm1", q="q_proj", k="k_proj", v="v_proj", o="out_proj",
+                     ln2="layer_norm2", fc1="mlp.fc1", act="mlp.activation_fn", mlp="mlp", heads="num_heads")
+HF_VIT_LAYER = dict(HF_CLIP_LAYER, attn="attention", ln1="layernorm_before", o="o_proj",
+                    ln2="layernorm_after", heads="num_attention_heads")
 
-    q/k/v are the projections' outputs, z is `out_proj`'s input, `hook_attn_out` is item 0 of
-    `self_attn`'s (out, weights) output; the pattern switches that one attention module to
-    `prisma_explicit` for the trace (`attention.ExplicitHFAttention`).
+
+def hf_layers(prefix: str, path: str, layers: nn.ModuleList, names: dict = HF_CLIP_LAYER) -> dict[str, Site]:
+    """Sites of Hugging Face pre-norm encoder layers at `path` (e.g. "vision_model.encoder.layers"):
+    `CLIPEncoderLayer`s, or with `names=HF_VIT_LAYER` transformers 5's `ViTLayer`s.
+
+    q/k/v are the projections' outputs, z is the output projection's input, `hook_attn_out` is
+    item 0 of the attention's (out, weights) output; the pattern switches that one attention
+    module to `prisma_explicit` for the trace (`attention.ExplicitHFAttention`).
     """
+    n = names
     sites: dict[str, Site] = {}
     for i, layer in enumerate(layers):
-        b, p, heads = f"{prefix}blocks.{i}", f"{path}.{i}", layer.self_attn.num_heads
-        attn = f"{p}.self_attn"
+        b, p = f"{prefix}blocks.{i}", f"{path}.{i}"
+        heads = getattr(getattr(layer, n["attn"]), n["heads"])
+        attn = f"{p}.{n['attn']}"
         sites[f"{b}.hook_resid_pre"] = Site(p, "input")
-        sites[f"{b}.ln1.hook_normalized"] = Site(f"{p}.layer_norm1")
+        sites[f"{b}.ln1.hook_normalized"] = Site(f"{p}.{n['ln1']}")
         for name in "qkv":
-            sites[f"{b}.attn.hook_{name}"] = Site(f"{attn}.{name}_proj", view=Heads(heads), shape=HEADS)
+            sites[f"{b}.attn.hook_{name}"] = Site(f"{attn}.{n[name]}", view=Heads(heads), shape=HEADS)
         sites[f"{b}.attn.hook_pattern"] = Site(attn, "pattern", shape=PATTERN,
                                                prepare=ExplicitHFAttention(attn))
-        sites[f"{b}.attn.hook_z"] = Site(f"{attn}.out_proj", "input", Heads(heads), HEADS)
+        sites[f"{b}.attn.hook_z"] = Site(f"{attn}.{n['o']}", "input", Heads(heads), HEADS)
         sites[f"{b}.hook_attn_out"] = Site(attn, view=TupleItem(0))
-        _block_tail(sites, b, f"{p}.layer_norm2", f"{p}.mlp.fc1", f"{p}.mlp.activation_fn", f"{p}.mlp", p,
+        _block_tail(sites, b, f"{p}.{n['ln2']}", f"{p}.{n['fc1']}", f"{p}.{n['act']}", f"{p}.{n['mlp']}", p,
                     block_view=TupleItem(0))
     return sites
 
@@ -146,4 +156,18 @@ def hf_text(model: nn.Module, prefix: str = "text.") -> dict[str, Site]:
     sites[f"{prefix}ln_final.hook_normalized"] = Site("text_model.final_layer_norm")
     sites[f"{prefix}hook_pooled"] = Site("text_projection", "input", shape="[batch, d_model]")
     sites[f"{prefix}hook_text_embed"] = Site("text_projection", shape="[batch, d_proj]")
+    return sites
+
+
+def hf_vit(model: nn.Module) -> dict[str, Site]:
+    """transformers `ViTForImageClassification` / `ViTModel`: HookedViT's unprefixed names. The
+    patch embedding is `patch_embeddings`' flattened output; positions are added inline (no
+    `hook_embed`); `ln_final` is `layernorm` on every token; `hook_pooled` is the classifier's input."""
+    base = "vit." if hasattr(model, "vit") else ""
+    vit = model.vit if base else model
+    sites = {"hook_patch_embed": Site(f"{base}embeddings.patch_embeddings", shape=TOKENS)}
+    sites.update(hf_layers("", f"{base}layers", vit.layers, HF_VIT_LAYER))
+    sites["ln_final.hook_normalized"] = Site(f"{base}layernorm")
+    if getattr(model, "classifier", None) is not None:
+        sites["hook_pooled"] = Site("classifier", "input", shape="[batch, d_model]")
     return sites

@@ -1,11 +1,13 @@
-"""Remote tracing (NDIF) of Hugging Face CLIP models named by repo id.
+"""Remote tracing (NDIF) of Hugging Face CLIP and ViT models named by repo id.
 
 nnsight runs a trace remotely only for a `Remotable` model: the request carries the trace body
 and a model key, `"<import path of the class>:<JSON with repo id and revision>"`, and the server
 rebuilds the model from that key (`Remotable.from_model_key`) and runs the body against its own
 copy. `RemoteTracedCLIP` is that class for `CLIPModel` / `CLIPVisionModel` checkpoints: nnsight's
 `HuggingFaceModel` (build on the meta device from the repo's config, load weights on the first
-local trace, key = repo id + revision) with `TracedCLIP`'s site names.
+local trace, key = repo id + revision) with `TracedCLIP`'s site names. `RemoteTracedViT` is the
+same for `ViTForImageClassification` checkpoints (model type "vit"), with `TracedViT`'s
+(HookedViT's) site names.
 
     clip = px.load("hf:openai/clip-vit-base-patch32", backend="nnsight", remote=True)
     with clip.trace(input_ids=tokens, pixel_values=images):    # runs on NDIF
@@ -26,28 +28,34 @@ from nnsight.modeling.huggingface import HuggingFaceModel
 
 from ..errors import PrismaError
 from .clip import TracedCLIP
+from .model import TracedViT
 
 
-class RemoteTracedCLIP(TracedCLIP, HuggingFaceModel):
-    """A Hugging Face CLIP checkpoint (repo id or saved folder) as a `Remotable` `TracedCLIP`.
+class _RemoteHF:
+    """What the remote classes share: nnsight's `HuggingFaceModel` built from a repo id, bound to
+    an adapter's sites, with a default `remote` for `trace` and a refusal of local folders."""
 
-    Built on the meta device (no weights) unless `dispatch=True`; a local trace loads the
-    weights first. `remote` is the default for `trace(...)`: False (local), True (NDIF, API key
-    from nnsight's config: `nnsight.CONFIG.set_default_api_key(...)` or `NDIF_API_KEY`) or
-    "local" (simulated round trip); `trace(..., remote=...)` overrides it per trace.
-    """
+    KINDS = "checkpoints"
+    ARCHITECTURES: tuple[str, ...] = ()  # if set: what the checkpoint's config must name
 
-    AUTO_CLASS = "AutoModel"  # CLIPConfig -> CLIPModel, CLIPVisionConfig -> CLIPVisionModel
+    def _px_kind(self) -> str:
+        """The checkpoint's class: what its config names for ARCHITECTURES, else the built one."""
+        named = getattr(self._module.config, "architectures", None) or []
+        if self.ARCHITECTURES and named and not set(named) & set(self.ARCHITECTURES):
+            return named[0]
+        return type(self._module).__name__
+
+    def _px_adapter_class(self) -> type:
+        raise NotImplementedError
 
     def __init__(self, repo_id: str, *args: Any, revision: str | None = None,
                  remote: bool | str = False, **kwargs: Any):
-        from ..adapters.hf_clip import HFCLIPAdapter
-
         HuggingFaceModel.__init__(self, repo_id, *args, revision=revision, **kwargs)
-        adapter = HFCLIPAdapter()
-        if not adapter.matches(self._module):
-            raise PrismaError(f"hf:{repo_id} is a {type(self._module).__name__}; remote tracing takes "
-                              "CLIPModel and CLIPVisionModel checkpoints")
+        adapter = self._px_adapter_class()()
+        kind = self._px_kind()
+        if not adapter.matches(self._module) or kind != type(self._module).__name__:
+            raise PrismaError(f"hf:{repo_id} is a {kind}; remote tracing takes "
+                              f"{self.KINDS}")
         adapter.check(self._module)
         self._px_bind(self._module, adapter)
         self.default_remote = remote
@@ -73,22 +81,59 @@ class RemoteTracedCLIP(TracedCLIP, HuggingFaceModel):
         return super()._remoteable_model_key()
 
 
+class RemoteTracedCLIP(_RemoteHF, TracedCLIP, HuggingFaceModel):
+    """A Hugging Face CLIP checkpoint (repo id or saved folder) as a `Remotable` `TracedCLIP`.
+
+    Built on the meta device (no weights) unless `dispatch=True`; a local trace loads the
+    weights first. `remote` is the default for `trace(...)`: False (local), True (NDIF, API key
+    from nnsight's config: `nnsight.CONFIG.set_default_api_key(...)` or `NDIF_API_KEY`) or
+    "local" (simulated round trip); `trace(..., remote=...)` overrides it per trace.
+    """
+
+    AUTO_CLASS = "AutoModel"  # CLIPConfig -> CLIPModel, CLIPVisionConfig -> CLIPVisionModel
+    KINDS = "CLIPModel and CLIPVisionModel checkpoints"
+
+    def _px_adapter_class(self) -> type:
+        from ..adapters.hf_clip import HFCLIPAdapter
+
+        return HFCLIPAdapter
+
+
+class RemoteTracedViT(_RemoteHF, TracedViT, HuggingFaceModel):
+    """A Hugging Face `ViTForImageClassification` checkpoint (repo id or saved folder) as a
+    `Remotable` `TracedViT` (HookedViT's site names); otherwise as `RemoteTracedCLIP`."""
+
+    AUTO_CLASS = "AutoModelForImageClassification"  # ViTConfig -> ViTForImageClassification
+    KINDS = "ViTForImageClassification checkpoints"
+    ARCHITECTURES = ("ViTForImageClassification",)
+
+    def _px_adapter_class(self) -> type:
+        from ..adapters.hf_vit import HFViTAdapter
+
+        return HFViTAdapter
+
+
 def load_remote(source: Any, pretrained: Any, remote: bool | str, options: dict, kwargs: dict
-                ) -> RemoteTracedCLIP:
-    """`px.load(..., backend="nnsight", remote=...)`: a `RemoteTracedCLIP` for "hf:REPO_ID"."""
+                ) -> RemoteTracedCLIP | RemoteTracedViT:
+    """`px.load(..., backend="nnsight", remote=...)`: a `RemoteTracedCLIP` (CLIP checkpoints) or
+    `RemoteTracedViT` (model type "vit") for "hf:REPO_ID"."""
     if not (isinstance(source, str) and source.startswith("hf:")):
         what = source if isinstance(source, str) else f"a {type(source).__name__} instance"
         raise PrismaError(
-            f"remote tracing needs a Hugging Face CLIP repo id ('hf:org/name'), got {what}: the server "
-            "rebuilds the model from its id and hosted weights, so a module built here cannot be sent")
+            f"remote tracing needs a Hugging Face CLIP or ViT repo id ('hf:org/name'), got {what}: the "
+            "server rebuilds the model from its id and hosted weights, so a module built here cannot be sent")
     if pretrained is not True:
         raise PrismaError("remote tracing runs the checkpoint's published weights: leave pretrained=True")
     unknown = sorted(set(options) | (set(kwargs) - {"revision"}))
     if unknown:
         raise PrismaError(f"remote loading takes only revision=..., got {unknown}")
-    repo_id = source[len("hf:"):]
+    repo_id, revision = source[len("hf:"):], kwargs.get("revision")
     try:
-        return RemoteTracedCLIP(repo_id, revision=kwargs.get("revision"), remote=remote)
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(repo_id, revision=revision).model_type
+        cls = RemoteTracedViT if model_type == "vit" else RemoteTracedCLIP
+        return cls(repo_id, revision=revision, remote=remote)
     except OSError as err:
         raise PrismaError(
             f"could not read the config of hf:{repo_id} ({type(err).__name__}: {err}). Remote tracing "

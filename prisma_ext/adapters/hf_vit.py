@@ -1,0 +1,120 @@
+"""Adapter for Hugging Face `ViTForImageClassification` and `ViTModel` (without its pooler).
+
+The layout is transformers 5's: `vit.layers[i]` with `layernorm_before`, `attention.{q,k,v,o}_proj`,
+`layernorm_after`, `mlp.fc1/fc2`; the final `layernorm` normalises every token and `classifier`
+reads the class token. Activation, eps, heads and widths come from the model's config.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..hooked.config import ViTConfig
+from ..hooked.weights import BlockWeights, ViTWeights
+from .base import Adapter, norm_params
+from .hf_clip import HF_ACTS
+
+HF_VIT_CLASSES = ("ViTForImageClassification", "ViTModel")
+
+
+def _is_transformers(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("transformers.")
+
+
+class HFViTAdapter(Adapter):
+    """transformers `ViTForImageClassification` (logits from `classifier` on the class token) or
+    `ViTModel` built with `add_pooling_layer=False` (no head: `n_classes=0`) -> HookedViT."""
+
+    name = "hf-vit"
+
+    def matches(self, module: nn.Module) -> bool:
+        return _is_transformers(module) and type(module).__name__ in HF_VIT_CLASSES
+
+    def refusal(self, module: nn.Module) -> str | None:
+        kind = type(module).__name__
+        if _is_transformers(module) and kind.startswith("ViT"):
+            return f"Hugging Face {kind} is not supported; supported: {', '.join(HF_VIT_CLASSES)}"
+        return None
+
+    @staticmethod
+    def _vit(model: nn.Module) -> nn.Module:
+        return model.vit if hasattr(model, "vit") else model
+
+    def check(self, model: nn.Module) -> None:
+        vit = self._vit(model)
+        cfg = vit.config
+        if cfg.hidden_act not in HF_ACTS:
+            raise UnsupportedModelError(f"Hugging Face ViT activation {cfg.hidden_act!r} is not supported "
+                                        f"(supported: {', '.join(HF_ACTS)})")
+        if getattr(vit, "pooler", None) is not None:
+            raise UnsupportedModelError(
+                "Hugging Face ViTModel's pooler (dense + tanh on the class token) is not supported; "
+                "build it with ViTModel(config, add_pooling_layer=False)")
+        if not hasattr(vit, "layers"):
+            raise UnsupportedModelError("this Hugging Face ViT predates transformers 5's layout "
+                                        "(vit.layers with attention.q_proj/...); upgrade transformers")
+        classifier = getattr(model, "classifier", None)
+        if classifier is not None and not isinstance(classifier, (nn.Linear, nn.Identity)):
+            raise UnsupportedModelError(f"a {type(classifier).__name__} classifier is not supported "
+                                        "(a Linear one is)")
+
+    def config(self, model: nn.Module) -> ViTConfig:
+        vit = self._vit(model)
+        cfg = vit.config
+        attn = vit.layers[0].attention
+        proj = vit.embeddings.patch_embeddings.projection
+        classifier = getattr(model, "classifier", None)
+        size = tuple(vit.embeddings.patch_embeddings.image_size)
+        return ViTConfig(
+            d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=attn.num_attention_heads,
+            d_head=attn.head_dim, d_mlp=cfg.intermediate_size, act_fn=HF_ACTS[cfg.hidden_act],
+            eps=cfg.layer_norm_eps, eps_final=cfg.layer_norm_eps, final_norm="tokens", d_proj=0,
+            n_classes=classifier.out_features if isinstance(classifier, nn.Linear) else 0,
+            img_size=size, patch_size=tuple(proj.kernel_size), in_chans=proj.in_channels,
+            n_cls=1, global_pool="token",
+            source=getattr(model, "_prisma_source", f"hf:{getattr(model, 'name_or_path', '') or 'ViT'}"),
+            dtype=proj.weight.dtype, device=proj.weight.device,
+        )
+
+    def weights(self, model: nn.Module) -> ViTWeights:
+        import torch
+
+        vit = self._vit(model)
+        emb = vit.embeddings
+        blocks = []
+        for layer in vit.layers:
+            a = layer.attention
+            qkv_b = [p.bias if p.bias is not None else p.weight.new_zeros(p.out_features)
+                     for p in (a.q_proj, a.k_proj, a.v_proj)]
+            blocks.append(BlockWeights(
+                ln1=norm_params(layer.layernorm_before),
+                qkv_w=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                qkv_b=torch.cat(qkv_b), proj_w=a.o_proj.weight, proj_b=a.o_proj.bias,
+                ln2=norm_params(layer.layernorm_after),
+                fc1_w=layer.mlp.fc1.weight, fc1_b=layer.mlp.fc1.bias,
+                fc2_w=layer.mlp.fc2.weight, fc2_b=layer.mlp.fc2.bias))
+        classifier = getattr(model, "classifier", None)
+        head = classifier if isinstance(classifier, nn.Linear) else None
+        return ViTWeights(
+            patch_w=emb.patch_embeddings.projection.weight, patch_b=emb.patch_embeddings.projection.bias,
+            cls=emb.cls_token.reshape(-1), dist=None, reg=None, pos_embed=emb.position_embeddings[0],
+            ln_pre=None, blocks=blocks, ln_final=norm_params(vit.layernorm),
+            head_w=head.weight if head is not None else None, head_b=head.bias if head is not None else None)
+
+    def class_names(self, model: nn.Module) -> list[str] | None:
+        classifier = getattr(model, "classifier", None)
+        labels = getattr(model.config, "id2label", None)
+        if not isinstance(classifier, nn.Linear) or not labels:
+            return None
+        return [str(labels.get(i, labels.get(str(i), i))) for i in range(classifier.out_features)]
+
+    # ---------------------------------------------------------------- nnsight sites
+    def site_map(self, model: nn.Module) -> dict:
+        """HookedViT's site names on the transformers modules; see `prisma_ext.traced.clip_sites.hf_vit`."""
+        from ..traced.clip_sites import hf_vit
+
+        return hf_vit(model)
+
+
+ADAPTERS = [HFViTAdapter()]
