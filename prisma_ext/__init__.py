@@ -27,12 +27,24 @@ _LAZY = {
     "activation_patching": ("prisma_ext.analysis.patching", "activation_patching"),
     "attribution_patching": ("prisma_ext.analysis.attribution_patching", "attribution_patching"),
     "image_text_patching": ("prisma_ext.analysis.image_text", "image_text_patching"),
-    "metrics": ("prisma_ext.analysis.metrics", None),
+    "metrics": ("prisma_ext.metrics", None),
+    "zoo": ("prisma_ext.zoo", None),
+    "logit_lens": ("prisma_ext.analysis.lens", "logit_lens"),
+    "direct_logit_attribution": ("prisma_ext.analysis.attribution", "direct_logit_attribution"),
+    "attention_rollout": ("prisma_ext.analysis.attention", "attention_rollout"),
+    "gradient_attention": ("prisma_ext.analysis.attention", "gradient_attention"),
+    "captum_attribution": ("prisma_ext.analysis.captum_attr", "captum_attribution"),
+    "faithfulness": ("prisma_ext.analysis.faithfulness", "faithfulness"),
+    "compare_attributions": ("prisma_ext.analysis.compare", "compare_attributions"),
+    "LogitDiff": ("prisma_ext.analysis.targets", "LogitDiff"),
+    "ImageTextScore": ("prisma_ext.analysis.targets", "ImageTextScore"),
 }
 
 __all__ = ["Adapter", "BlockWeights", "HookedViT", "TokenLayout", "ViTConfig", "ViTWeights", "adapters",
            "bridge", "data", "errors", "load", "register_adapter", "activation_patching",
-           "attribution_patching", "image_text_patching", "metrics"]
+           "attribution_patching", "image_text_patching", "metrics", "zoo"]
+__all__ += ["ImageTextScore", "LogitDiff", "attention_rollout", "captum_attribution", "compare_attributions",
+            "direct_logit_attribution", "faithfulness", "gradient_attention", "logit_lens"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import Adapter, register_adapter

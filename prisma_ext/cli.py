@@ -1,8 +1,9 @@
 """The ``prisma-ext`` command.
 
-``prisma-ext inspect`` (the default command) loads a vision transformer, prints its
-architecture, token layout and every hook site with its activation shape, then classifies one
-image and prints the top-k classes.
+``prisma-ext report`` writes one self-contained HTML report explaining a model's prediction on
+one image (the work is in ``prisma_ext.viz.report``). ``prisma-ext inspect`` (what the bare
+command runs) prints a model's architecture, token layout, hook sites and top-k classes.
+``prisma-ext models`` lists what loads; ``prisma-ext sites MODEL`` lists a model's sites.
 
 Bad input (a missing or unreadable image, an unknown model) ends with one line on stderr,
 ``prisma-ext: error: ...``, and exit status 2, the same as argparse's usage errors.
@@ -20,7 +21,8 @@ from collections.abc import Sequence
 PROG = "prisma-ext"
 DEFAULT_MODEL = "timm:vit_tiny_patch16_224"
 DEFAULT_IMAGE = "chelsea"  # scikit-image's cat
-COMMANDS = ("inspect",)
+COMMANDS = ("inspect", "report", "models", "sites")
+REPORT_MODEL = "builtin:shapes-vit"
 
 
 class _UsageError(ValueError):
@@ -78,7 +80,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="how many classes to print (default: 5)",
     )
     p.set_defaults(func=cmd_inspect)
+    _add_report(sub)
+    p = sub.add_parser("models", help="list the models and sources that load",
+                       description="List what px.load takes: built-in models, timm ViT variants, open_clip "
+                                   "configs and Hugging Face CLIP.")
+    p.add_argument("--all", action="store_true", help="list every timm and open_clip name")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("sites", help="list a model's hook sites and their shapes",
+                       description="Load a model (random weights for named sources: shapes only) and list "
+                                   "every hook site with its shape at batch size 1.")
+    p.add_argument("model", metavar="MODEL", help="model source, e.g. builtin:shapes-vit or timm:vit_small_patch16_224")
+    p.set_defaults(func=cmd_sites)
     return parser
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write a self-contained HTML report explaining one prediction",
+        description=(
+            "Explain a model's prediction on one image in one HTML file (opens offline): prediction, "
+            "patch logit lens, direct logit attribution by layer and head, CLS attribution over patches, "
+            "an attention-head gallery, activation patching against a corrupted image, and our maps "
+            "compared with Captum's (deletion/insertion AUC, seconds)."
+        ),
+    )
+    p.add_argument("--model", default=REPORT_MODEL,
+                   help="model source: builtin:shapes-vit, builtin:shapes-clip, timm:NAME, open_clip:ARCH/TAG "
+                        f"or hf:REPO (default: {REPORT_MODEL})")
+    p.add_argument("--image", default=None, metavar="PATH|builtin:NAME",
+                   help="image file, or builtin:chelsea|astronaut|coffee, or a scene such as builtin:circle or "
+                        "builtin:red-triangle (default: a scene of the model's classes, else builtin:chelsea)")
+    p.add_argument("--target", default=None, metavar="CLASS",
+                   help="class to explain, by name or index (default: the model's top class)")
+    p.add_argument("--corrupted", default="auto", metavar="auto|blur|PATH|builtin:NAME",
+                   help="image for activation patching (default auto: for a scene, the same scene with the "
+                        "runner-up class's object in its place; otherwise the image blurred)")
+    p.add_argument("--out", default="report.html", metavar="PATH", help="output file (default: report.html)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes in the prediction table (default: 5)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights for timm/open_clip/hf sources (offline; the report then explains noise)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=cmd_report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +215,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# report, models, sites
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from prisma_ext.viz.report import build_report, stderr_log
+
+    build_report(args.model, image=args.image, target=args.target, corrupted=args.corrupted, out=args.out,
+                 pretrained=not args.random_weights, top_k=args.top_k, log=None if args.quiet else stderr_log)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from prisma_ext.viz.catalog import models_text
+
+    print(models_text(full=args.all))
+    return 0
+
+
+def cmd_sites(args: argparse.Namespace) -> int:
+    import prisma_ext as px
+
+    model = px.load(args.model, pretrained=args.model.startswith("builtin:"))
+    shapes = model.site_shapes()
+    print(f"{args.model}: {model.layout.describe()}")
+    print(f"{len(shapes)} hook sites (batch size 1)")
+    print(_site_table(shapes))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def _one_line(exc: BaseException) -> str:
@@ -198,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except (PrismaError, ValueError, OSError) as exc:
-        # Bad input: unknown model, missing or unreadable image, weights that cannot be fetched.
+        # Bad input: unknown model, class or site, missing or unreadable image, weights that
+        # cannot be fetched, an output path that cannot be written.
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 

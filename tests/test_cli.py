@@ -173,3 +173,60 @@ def test_load_image_errors_name_the_path(tmp_path):
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(PrismaError, match="fake.jpg"):
         load_image(bad)
+
+
+# --------------------------------------------------------------------------- report, models, sites
+
+
+def test_report_defaults(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "cmd_report", lambda args: seen.append(args) or 0)
+    assert cli.main(["report"]) == 0
+    args = seen[0]
+    assert (args.model, args.image, args.target, args.corrupted, args.out) == (
+        "builtin:shapes-vit", None, None, "auto", "report.html")
+    assert args.top_k == 5 and not args.random_weights and not args.quiet
+
+
+def test_models_lists_the_sources(capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("builtin:shapes-vit", "builtin:shapes-clip", "timm:NAME", "vit_small_patch14_reg4_dinov2",
+                   "open_clip:ARCH/TAG", "45 of the 48", "CoCa", "hf:REPO", "register_adapter"):
+        assert needle in out, needle
+
+
+def test_sites_lists_names_and_shapes(capsys):
+    assert cli.main(["sites", "builtin:shapes-vit"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^(\S+)\s+\((\d+(?:, \d+)*)\)$", out, flags=re.MULTILINE))
+    assert "blocks.0.hook_resid_pre" in rows and "blocks.0.attn.hook_pattern" in rows
+    assert rows["blocks.0.hook_resid_pre"].startswith("1, ")
+
+
+def test_sites_unknown_model_is_one_error_line(capsys):
+    rc = cli.main(["sites", "timm:vit_nope"])
+    _assert_one_error_line(capsys, rc, "vit_nope")
+
+
+@pytest.mark.parametrize("command", ["report", "models", "sites"])
+def test_subcommand_help_stays_light(command):
+    code = (
+        "import sys; from prisma_ext.cli import main\n"
+        f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "assert 'torch' not in sys.modules"
+    )
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert command in res.stdout
+
+
+def test_readme_first_lines_are_the_two_commands_and_ci_runs_the_second():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    first, second = root.joinpath("README.md").read_text().splitlines()[:2]
+    assert first == "bash scripts/setup.sh && .venv/bin/prisma-ext report"
+    assert second == "bash scripts/setup.sh --test && .venv/bin/python -m pytest -q"
+    ci = root.joinpath(".ci", "run").read_text()
+    assert "sed -n 2p README.md" in ci and 'exec bash -c "$command_line"' in ci

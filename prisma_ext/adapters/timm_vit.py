@@ -274,12 +274,25 @@ class TimmViTAdapter(Adapter):
 
         subset = infer_imagenet_subset(m)
         if not subset:
-            return None
+            return self._label_names(m)
         info = ImageNetInfo(subset)
         n = getattr(m, "num_classes", 0)
         if info.num_classes() != n:
             return None
         return [info.index_to_description(i).split(",")[0].strip() for i in range(n)]
+
+    @staticmethod
+    def _label_names(m: nn.Module) -> list[str] | None:
+        """timm's own `pretrained_cfg["label_names"]` (a list, or a dict index -> name), each
+        replaced by its `label_descriptions` entry where there is one; None if absent."""
+        cfg = getattr(m, "pretrained_cfg", None) or {}
+        labels, descriptions = cfg.get("label_names"), cfg.get("label_descriptions") or {}
+        n = getattr(m, "num_classes", 0)
+        if isinstance(labels, dict):
+            labels = [labels.get(i, labels.get(str(i))) for i in range(n)]
+        if not labels or len(labels) != n or any(label is None for label in labels):
+            return None
+        return [str(descriptions.get(label, label)) for label in labels]
 
 
 ADAPTERS = [TimmViTAdapter()]

@@ -53,6 +53,11 @@ class Backend:
         if isinstance(model, HookedCLIP):
             return TLBackend(model, model.visual)
         if type(model).__module__.startswith("prisma_ext.traced"):
+            if type(model).__name__ != "TracedViT":
+                raise PrismaError(
+                    f"the analysis methods take a traced ViT on the nnsight backend; for a CLIP model "
+                    f"({type(model).__name__}) load it with backend='tl', or trace its sites yourself with "
+                    "model.site('visual.blocks.0.hook_resid_post') inside model.trace(...)")
             return NNsightBackend(model)
         raise PrismaError(f"expected a prisma-ext model (px.load(...) with backend 'tl' or 'nnsight'), "
                           f"got {type(model).__name__}")

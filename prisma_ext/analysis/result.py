@@ -29,6 +29,7 @@ class AnalysisResult:
     class_names: list[str] | None = None
     coords: dict[str, list] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    parts: dict[str, AnalysisResult] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.values.ndim != len(self.dims):
@@ -36,7 +37,14 @@ class AnalysisResult:
 
     def __repr__(self) -> str:
         shape = ", ".join(f"{d}={n}" for d, n in zip(self.dims, self.values.shape))
-        return f"AnalysisResult({self.method}: {shape})"
+        parts = f"; parts {', '.join(self.parts)}" if self.parts else ""
+        return f"{type(self).__name__}({self.method}: {shape}{parts})"
+
+    def part(self, name: str) -> AnalysisResult:
+        """A related result with its own axes (`parts[name]`)."""
+        if name not in self.parts:
+            raise PrismaError(f"{self.method}: no part {name!r}; parts are {sorted(self.parts) or 'none'}")
+        return self.parts[name]
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -1,5 +1,11 @@
-"""Data that ships with prisma-ext: sample images (and, later, datasets and class names)."""
+"""Data that ships with prisma-ext: sample images and seeded procedural data sets.
+
+`make_scenes` (captioned shapes or digits with masks and positions, `prisma_ext.data.scenes`) is
+what the built-in models were trained on; `make_shapes` is the simpler uncaptioned generator.
+"""
 
 from prisma_ext.data.samples import SAMPLE_IMAGES, load_image, sample_image
+from prisma_ext.data.scenes import Scenes, make_scenes
+from prisma_ext.data.shapes import make_shapes
 
-__all__ = ["SAMPLE_IMAGES", "load_image", "sample_image"]
+__all__ = ["SAMPLE_IMAGES", "Scenes", "load_image", "make_scenes", "make_shapes", "sample_image"]

@@ -264,18 +264,20 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         n_tokens = n_tokens or cfg.layout.n_tokens
         ids = self._class_ids(tokens)
         w, b = self._final_affine()
-        scale = torch.ones(cfg.d_model) if w is None else w
+        ref = self.W_U
+        ids = ids.to(ref.device)
+        scale = torch.ones(cfg.d_model, device=ref.device, dtype=ref.dtype) if w is None else w
 
         def column(W: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
             const = bias[ids] + (b @ W[:, ids] if b is not None else 0)
             return (scale[:, None] * W)[:, ids].movedim(0, -1), const
 
-        weights = torch.zeros(n_tokens)
+        weights = torch.zeros(n_tokens, device=ref.device, dtype=ref.dtype)
         if cfg.global_pool == "token" and cfg.n_dist:
             weights[0] = weights[1] = 0.5
             d_cls, c_cls = column(self.W_U, self.b_U)
             d_dist, c_dist = column(self.W_U_dist, self.b_U_dist)
-            per_pos = torch.zeros(*d_cls.shape[:-1], n_tokens, cfg.d_model)
+            per_pos = d_cls.new_zeros(*d_cls.shape[:-1], n_tokens, cfg.d_model)
             per_pos[..., 0, :] = d_cls / 2
             per_pos[..., 1, :] = d_dist / 2
             return per_pos, (c_cls + c_dist) / 2

@@ -48,3 +48,50 @@ def result_figure(result, facet: str | None = None, title: str | None = None, **
     return px.imshow(np.asarray(values), x=[str(x) for x in sub.labels(free[1])],
                      y=[str(y) for y in sub.labels(free[0])], color_continuous_scale="RdBu_r",
                      color_continuous_midpoint=0.0, title=title, aspect="auto")
+
+
+def lens_figure(result, title: str | None = None, batch: int = 0, cls: int | None = None, **_: int):
+    """Logit lens: one class's logit on the patch grid, one panel per layer, each patch labelled
+    with its top class at that layer. `cls` indexes the result's class axis (default: the
+    model's prediction for image `batch`)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    pooled = result.part("pooled").values[batch]  # [layer, class]
+    cls = int(pooled[-1].argmax()) if cls is None else cls
+    grids = result.select(batch=batch).grid()  # [layer, class, rows, cols]
+    layers = result.labels("layer")[:MAX_PANELS]
+    names = [str(x) for x in result.labels("class")]
+    n_cols = min(6, len(layers))
+    n_rows = -(-len(layers) // n_cols)
+    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=[f"layer {x}" for x in layers])
+    values = grids[:, cls].detach().float().cpu().numpy()
+    top = grids.argmax(1).cpu().numpy()  # [layer, rows, cols]
+    lo, hi = float(values.min()), float(values.max())
+    for i, _layer in enumerate(layers):
+        text = [[names[j] for j in row] for row in top[i]]
+        fig.add_trace(go.Heatmap(z=values[i], text=text, texttemplate="%{text}", zmin=lo, zmax=hi,
+                                 colorscale="RdBu_r", showscale=i == 0,
+                                 hovertemplate="logit %{z:.3f}<br>top %{text}<extra></extra>"),
+                      row=i // n_cols + 1, col=i % n_cols + 1)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False, autorange="reversed")
+    fig.update_layout(title=title or f"logit lens: {names[cls]} (image {batch})")
+    return fig
+
+
+def comparison_figure(result, title: str | None = None):
+    """Attribution methods side by side: one bar chart per column (each AUC, seconds)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    columns = result.labels("column")
+    methods = [str(m) for m in result.labels("method")]
+    better = result.meta.get("better", {})
+    titles = [f"{c} ({better[c]} is better)" if c in better else c for c in columns]
+    fig = make_subplots(rows=1, cols=len(columns), subplot_titles=titles)
+    values = result.values.detach().float().cpu().numpy()
+    for j in range(len(columns)):
+        fig.add_trace(go.Bar(x=methods, y=values[:, j], showlegend=False), row=1, col=j + 1)
+    fig.update_layout(title=title or "attribution methods compared")
+    return fig
