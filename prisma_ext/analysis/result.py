@@ -3,7 +3,6 @@ labels, a plotly figure on the image's patch grid, and a table."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +105,3 @@ class AnalysisResult:
 
         return result_figure(self, facet=facet, title=title, **index)
 
-
-def stack_labels(names: Sequence[str]) -> list[str]:
-    return list(names)

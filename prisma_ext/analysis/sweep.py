@@ -34,23 +34,14 @@ def check_sites(sites) -> list[str]:
     return sites
 
 
-def resolve_layers(layers, n_layers: int) -> list[int]:
-    if layers is None or layers == "all":
-        return list(range(n_layers))
-    out = [int(layer) for layer in ([layers] if isinstance(layers, int) else layers)]
-    bad = [layer for layer in out if not 0 <= layer < n_layers]
+def resolve_indices(values, n: int, what: str) -> list[int]:
+    """`values` None or "all" (every index), one int, or ints, each checked to lie in [0, n)."""
+    if values is None or values == "all":
+        return list(range(n))
+    out = [int(v) for v in ([values] if isinstance(values, int) else values)]
+    bad = [v for v in out if not 0 <= v < n]
     if bad:
-        raise PrismaError(f"layers must lie in [0, {n_layers}), got {bad}")
-    return out
-
-
-def resolve_heads(heads, n_heads: int) -> list[int]:
-    if heads is None or heads == "all":
-        return list(range(n_heads))
-    out = [int(h) for h in ([heads] if isinstance(heads, int) else heads)]
-    bad = [h for h in out if not 0 <= h < n_heads]
-    if bad:
-        raise PrismaError(f"heads must lie in [0, {n_heads}), got {bad}")
+        raise PrismaError(f"{what} must lie in [0, {n}), got {bad}")
     return out
 
 
@@ -108,5 +99,6 @@ def make_plan(model, clean: Tensor, corrupted: Tensor, sites, positions, heads, 
     if direction not in ("denoising", "noising"):
         raise PrismaError(f"direction must be 'denoising' or 'noising', got {direction!r}")
     base, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
-    return Plan(be, check_sites(sites), resolve_layers(layers, be.cfg.n_layers), resolve_heads(heads, be.cfg.n_heads),
+    return Plan(be, check_sites(sites), resolve_indices(layers, be.cfg.n_layers, "layers"),
+                resolve_indices(heads, be.cfg.n_heads, "heads"),
                 resolve_positions(positions, be.layout), base, source)
