@@ -42,8 +42,9 @@ def naive_value(model, clean, corrupted, metric, site, layer, positions, head=No
     return metric(out, torch.arange(base.shape[0]))
 
 
-@pytest.mark.parametrize("variant", ["plain", "dinov2_reg4"])
-@pytest.mark.parametrize("direction", ["denoising", "noising"])
+@pytest.mark.parametrize(("variant", "direction"), [("plain", "denoising"), ("plain", "noising"),
+                                                     ("dinov2_reg4", "denoising"), ("dinov2_reg4", "noising"),
+                                                     ("deit_distilled", "denoising")])
 def test_batched_sweep_equals_naive_loop(variant, direction):
     src, clean, corrupted, metric = setup(variant)
     model = px.load(src)
@@ -64,6 +65,26 @@ def test_batched_sweep_equals_naive_loop(variant, direction):
                         torch.testing.assert_close(values[:, layer, pos], want, atol=1e-5, rtol=0)
     assert result["z"].dims == ("batch", "layer", "head", "token")
     assert result["resid_pre"].values.shape == (2, model.cfg.n_layers, n_tokens)
+
+
+@pytest.mark.parametrize("variant", ["plain", "deit_distilled", "dinov2_reg4", "gap_no_cls", "siglip_map"])
+def test_run_from_readout_only_keeps_the_output(variant):
+    """The sweep's restart carries only the readout's tokens through the last block: same output."""
+    src = small_timm(variant)
+    model, images = px.load(src), images_for(src, batch=3)
+    n_layers, last = model.cfg.n_layers, model.cfg.n_layers - 1
+    with torch.no_grad():
+        _, cache = model.run_with_cache(images, names_filter=lambda n: n.endswith("hook_resid_pre"))
+        for layer in range(n_layers):
+            resid = cache[f"blocks.{layer}.hook_resid_pre"]
+            full = model.run_from(resid, layer)
+            torch.testing.assert_close(model.run_from(resid, layer, readout_only=True), full, atol=1e-5, rtol=0)
+        # the explicit-softmax path (a pattern hook in the last block) as well
+        with model.hooks(fwd_hooks=[(f"blocks.{last}.attn.hook_pattern", lambda value, hook: value)]):
+            fast = model.run_from(resid, last, readout_only=True)
+        torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
+        kept = model.run_from(resid, last, return_type="resid", readout_only=True).shape[1]
+    assert kept == (1 + model.cfg.n_dist if model.cfg.global_pool == "token" else model.layout.n_tokens)
 
 
 @pytest.mark.parametrize("variant", ["plain", "dinov2_reg4", "gap_no_cls"])

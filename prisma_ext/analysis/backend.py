@@ -101,9 +101,10 @@ class TLBackend(Backend):
         super().__init__(model, vit)
         self.return_type = return_type
 
-    def continue_from(self, resid: Tensor, layer: int, examples: Tensor) -> Tensor:
-        """The output of the rest of the forward pass from `blocks.{layer}.hook_resid_pre`."""
-        return self.vit.run_from(resid, layer, self.return_type)
+    def continue_from(self, resid: Tensor, layer: int, examples: Tensor, readout_only: bool = False) -> Tensor:
+        """The output of the rest of the forward pass from `blocks.{layer}.hook_resid_pre`
+        (`readout_only`: see HookedViT.run_from)."""
+        return self.vit.run_from(resid, layer, self.return_type, readout_only)
 
     def run(self, images, read=(), edit=None, grad_of=None) -> Run:
         edit = dict(edit or {})
@@ -177,5 +178,5 @@ class TextBackend(TLBackend):
     def class_names(self):
         return None
 
-    def continue_from(self, resid: Tensor, layer: int, examples: Tensor) -> Tensor:
+    def continue_from(self, resid: Tensor, layer: int, examples: Tensor, readout_only: bool = False) -> Tensor:
         return self.vit.run_from(resid, layer, self.tokens[examples], "embeds")

@@ -29,9 +29,15 @@ def image_text_patching(clip, clean, corrupted, texts=None, images: Tensor | Non
     end-of-text token at the same position (the same token count), else InputError; positions
     default to every token up to the last end-of-text token.
     Other keyword arguments go to `activation_patching` (heads, layers, batch_size, direction,
-    normalize, progress). Returns its ResultSet.
+    normalize, progress). Returns its ResultSet. For another metric on the vision tower, call
+    `activation_patching(clip, clean, corrupted, metric)` (e.g. metric=px.ImageTextScore(texts)).
     """
     from ..hooked.clip import HookedCLIP
+
+    if "metric" in kwargs:
+        raise InputError("image_text_patching builds its metric from texts (or images); for another metric "
+                         "call activation_patching(clip, clean, corrupted, metric), e.g. with "
+                         "metric=px.ImageTextScore(texts)")
 
     if not isinstance(clip, HookedCLIP):
         raise PrismaError(f"image_text_patching needs a HookedCLIP (px.load of a CLIP model), got "

@@ -9,13 +9,14 @@ metric so that 0 is the corrupted run's value and 1 the clean run's.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import InputError, PrismaError
 from .backend import Backend
-from .metrics import call_metric
+from .metrics import as_metric, call_metric
 from .positions import PositionGroups
 from .result import AnalysisResult
 from .results import ResultSet
@@ -41,7 +42,7 @@ def check_pair(clean: Tensor, corrupted: Tensor) -> None:
 def patch_rows(value: Tensor, source: Tensor, token_mask: Tensor, heads: Tensor) -> Tensor:
     """Replace, row by row, the masked tokens (and one head, where heads >= 0) of `value` with
     `source`. value/source [n, pos, ...]; token_mask [n, pos]; heads [n]."""
-    mask = token_mask
+    mask, heads = token_mask.to(value.device), heads.to(value.device)
     if value.ndim == 4:  # [n, pos, head, d_head]
         head_mask = torch.ones(value.shape[0], value.shape[2], dtype=torch.bool, device=value.device)
         picked = heads >= 0
@@ -50,7 +51,7 @@ def patch_rows(value: Tensor, source: Tensor, token_mask: Tensor, heads: Tensor)
         mask = mask[:, :, None] & head_mask[:, None, :]
     while mask.ndim < value.ndim:
         mask = mask.unsqueeze(-1)
-    return torch.where(mask.to(value.device), source.to(value.dtype), value)
+    return torch.where(mask, source.to(value.dtype), value)
 
 
 class Sweep:
@@ -61,6 +62,7 @@ class Sweep:
         self.be, self.base_input, self.base_cache, self.source_cache = backend, base_input, base_cache, source_cache
         self.group_mask = groups.mask(backend_tokens(base_cache))
         self.reuse, self.run_from = reuse, run_from
+        self.n_layers = backend.cfg.n_layers
 
     def outputs(self, site: str, layer: int, jobs: Jobs) -> Tensor:
         name = site_name(site, layer)
@@ -75,26 +77,30 @@ class Sweep:
             return self.be.run(self.base_input[examples], edit={name: edit}).output
         resid = self.base_cache[site_name("resid_pre", layer)][examples]
         if site == "resid_pre":
-            return self.run_from(edit(resid), layer, {}, examples)
-        return self.run_from(resid, layer, {name: edit}, examples)
+            return self.run_from(edit(resid), layer, {}, examples, True)
+        # the last block carries only the readout's tokens, so no edit may sit inside it
+        return self.run_from(resid, layer, {name: edit}, examples, layer < self.n_layers - 1)
 
 
 def backend_tokens(cache: dict) -> int:
     return next(iter(cache.values())).shape[1]
 
 
-def activation_patching(model, clean: Tensor, corrupted: Tensor, metric: Callable,
+def activation_patching(model, clean: Tensor, corrupted: Tensor, metric: Any,
                         sites=("resid_pre", "attn_out", "mlp_out", "z"), positions="all", heads="all",
                         layers=None, batch_size: int | None = None, direction: str = "denoising",
                         normalize: bool = False, reuse: bool | None = None, progress: bool = True) -> ResultSet:
     """Patch each (site, layer, position group[, head]) from one run into the other; record `metric`.
 
-    clean, corrupted: images [batch, channels, H, W] (same shape). metric(output, examples) -> [n]
-    (see `prisma_ext.analysis.metrics`: logit_diff, target_prob, clip_score_diff).
+    clean, corrupted: images [batch, channels, H, W] (same shape). metric: metric(output, examples)
+    -> [n] (`prisma_ext.analysis.metrics`: logit_diff, target_prob, clip_score_diff), or what the
+    other methods' `target=` takes: a class index or name, one per image, None (each clean image's
+    predicted class), px.LogitDiff(a, b), px.ImageTextScore(texts) on CLIP (see `as_metric`).
     sites: "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z" (per head).
     positions: "all", "prefix", "patches", "rows", "cols", a patch-grid mask, token indices or
     groups (see `resolve_positions`). heads: "all" or indices (for "z"). layers: None (all) or
-    indices. batch_size: patched runs per forward pass (default: a ~1 GB activation budget).
+    indices. batch_size: patched runs per forward pass (default: ~100 MB of activations a chunk on
+    a CPU, where cache-sized chunks run fastest; ~2 GB on a GPU).
     reuse: rerun only the layers from the patched one on (default: True on the TL backend).
     Returns a ResultSet: site -> AnalysisResult with values [batch, layer, position] (plus a
     head axis for "z"), and meta holding the clean and corrupted metric values.
@@ -114,12 +120,13 @@ def activation_patching(model, clean: Tensor, corrupted: Tensor, metric: Callabl
         source = be.run(source_input, read=names)
         n = clean.shape[0]
         examples = torch.arange(n)
+        metric = as_metric(be, clean, metric)
         m_base = call_metric(metric, base.output, examples)
         m_source = call_metric(metric, source.output, examples)
     m_clean, m_corr = (m_source, m_base) if direction == "denoising" else (m_base, m_source)
 
     sweep = Sweep(be, base_input, base.acts, source.acts, groups, reuse, _run_from(be) if reuse else None)
-    size = batch_size or default_batch_size(be.layout.n_tokens, cfg.d_model, cfg.d_mlp, cfg.n_heads)
+    size = batch_size or default_batch_size(be.layout.n_tokens, cfg.d_model, cfg.d_mlp, cfg.n_heads, base_input.device)
     todo = [(s, layer) for s in sites for layer in layer_list]
     total = sum(len(make_jobs(n, len(groups), head_list if s in HEAD_SITES else None)) for s, _ in todo)
     results: dict[str, Tensor] = {}
@@ -159,13 +166,14 @@ def _result(site, values, m_clean, m_corr, normalize, be, layer_list, head_list,
 
 
 def _run_from(be: Backend) -> Callable:
-    """run(resid, layer, {site: edit}, examples) -> output, restarting the tower at `layer`."""
+    """run(resid, layer, {site: edit}, examples, readout_only) -> output, restarting the tower at
+    `layer` (readout_only: the last block carries only the readout's tokens; see run_from)."""
     tower = be.vit
 
-    def run(resid: Tensor, layer: int, edits: dict, examples: Tensor) -> Tensor:
+    def run(resid: Tensor, layer: int, edits: dict, examples: Tensor, readout_only: bool) -> Tensor:
         hooks = [(name, _as_hook(fn)) for name, fn in edits.items()]
         with tower.hooks(fwd_hooks=hooks):
-            return be.continue_from(resid, layer, examples)
+            return be.continue_from(resid, layer, examples, readout_only)
 
     return run
 

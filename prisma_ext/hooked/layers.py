@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
+from ..errors import PrismaError
+
 ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -107,10 +109,17 @@ class Attention(CircuitViews, nn.Module):
     W_O = property(lambda self: self.proj.weight.T.view(self.n_heads, self.d_head, -1))
     b_O = property(lambda self: self.proj.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, n_query: int | None = None) -> Tensor:
+        """x [batch, pos, d_model] -> [batch, pos, d_model]. `n_query`: only the first n_query
+        tokens attend (keys and values still come from every token); the output and the sites
+        from `attn_scores` on then hold those n_query rows."""
         batch, pos, _ = x.shape
+        if n_query is not None and self.causal:
+            raise PrismaError("internal: n_query is for bidirectional attention only")
         qkv = self.qkv(x).view(batch, pos, 3, self.n_heads, self.d_head)
         q, k, v = (hp(t) for hp, t in zip((self.hook_q, self.hook_k, self.hook_v), qkv.unbind(2)))
+        if n_query is not None:
+            q = q[:, :n_query]
         if is_hooked(self.hook_attn_scores, self.hook_pattern):
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.d_head ** -0.5
             if self.causal:
@@ -126,7 +135,7 @@ class Attention(CircuitViews, nn.Module):
         if self.use_attn_result:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
             return result.sum(dim=-2) + self.proj.bias
-        return self.proj(z.reshape(batch, pos, self.n_heads * self.d_head))
+        return self.proj(z.reshape(batch, z.shape[1], self.n_heads * self.d_head))
 
 
 class MLP(nn.Module):
@@ -167,7 +176,13 @@ class Block(nn.Module):
         for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def forward(self, resid: Tensor) -> Tensor:
+    def forward(self, resid: Tensor, n_query: int | None = None) -> Tensor:
+        """resid [batch, pos, d_model] -> [batch, pos, d_model]; with `n_query`, only the first
+        n_query tokens are carried past the attention (all tokens still serve as keys and values):
+        -> [batch, n_query, d_model], for a readout that reads only those tokens."""
         resid = self.hook_resid_pre(resid)
-        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(self.ln1(resid))))
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), n_query))
+        if n_query is not None:
+            resid = resid[:, :n_query]
+        resid = self.hook_resid_mid(resid + attn_out)
         return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))

@@ -92,11 +92,20 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         check_images(images, self.cfg)
         return self.run_from(self._embed(images), 0, return_type)
 
-    def run_from(self, resid: Tensor, layer: int, return_type: str | None = "logits") -> Tensor | None:
+    def run_from(self, resid: Tensor, layer: int, return_type: str | None = "logits",
+                 readout_only: bool = False) -> Tensor | None:
         """Continue a forward pass from `blocks.{layer}.hook_resid_pre` = resid [batch, pos, d_model]
-        (e.g. a cached residual stream, to rerun only the layers after a patch)."""
-        for block in self.blocks[layer:]:
-            resid = block(resid)
+        (e.g. a cached residual stream, to rerun only the layers after a patch).
+
+        readout_only: when the readout reads only the prefix tokens (CLS, distillation), the last
+        block computes every token's keys and values but carries only those tokens on (about a
+        quarter of a block's work); its sites from `attn_scores` on then hold only those rows,
+        and `return_type="resid"` returns only them. Outputs are unchanged.
+        """
+        n_query = self.readout_tokens() if readout_only else None
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks[layer:], start=layer):
+            resid = block(resid, n_query if i == last else None)
         if return_type == "resid":
             return resid
         pooled = self.hook_pooled(self._pool(resid))
@@ -111,6 +120,11 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         if self.cfg.n_dist:
             return (self.head(pooled[:, 0]) + self.head_dist(pooled[:, 1])) / 2
         return self.head(pooled)
+
+    def readout_tokens(self) -> int | None:
+        """How many leading tokens the readout reads (CLS and distillation tokens), or None when
+        it reads every token (average pooling, attention pooling)."""
+        return 1 + self.cfg.n_dist if self.cfg.global_pool == "token" else None
 
     def _embed(self, images: Tensor) -> Tensor:
         patches, prefix, pos = self.embed(images)
