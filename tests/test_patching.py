@@ -87,6 +87,21 @@ def test_run_from_readout_only_keeps_the_output(variant):
     assert kept == (1 + model.cfg.n_dist if model.cfg.global_pool == "token" else model.layout.n_tokens)
 
 
+def test_a_users_hook_on_the_last_block_sees_every_token():
+    src, clean, corrupted, metric = setup("plain")
+    model = px.load(src)
+    last = model.cfg.n_layers - 1
+    seen = []
+    model.add_hook(f"blocks.{last}.attn.hook_pattern", lambda value, hook: seen.append(value.shape[2]))
+    try:
+        with_hook = activation_patching(model, clean, corrupted, metric, sites="resid_pre", progress=False)
+    finally:
+        model.reset_hooks()
+    assert set(seen) == {model.layout.n_tokens}
+    plain = activation_patching(model, clean, corrupted, metric, sites="resid_pre", progress=False)
+    torch.testing.assert_close(with_hook["resid_pre"].values, plain["resid_pre"].values, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("variant", ["plain", "dinov2_reg4", "gap_no_cls"])
 def test_both_backends_give_the_same_sweep(variant):
     src, clean, corrupted, metric = setup(variant, seed=4)

@@ -12,11 +12,10 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..hooked.config import TextConfig, ViTConfig
 from ..hooked.weights import BlockWeights, TextWeights, ViTWeights
-from .base import Adapter, norm_params
+from .base import norm_params
+from .hf_common import HF_ACTS, TransformersAdapter
 from .open_clip import OPENAI_MEAN, OPENAI_STD
 
-HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-           "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
 HF_CLASSES = ("CLIPModel", "CLIPVisionModel")
 
 
@@ -49,19 +48,11 @@ def encoder_weights(encoder: nn.Module) -> list[BlockWeights]:
     return blocks
 
 
-class HFCLIPAdapter(Adapter):
+class HFCLIPAdapter(TransformersAdapter):
     """transformers `CLIPModel` -> HookedCLIP; `CLIPVisionModel` -> HookedViT (pooled output)."""
 
     name = "hf-clip"
-
-    def matches(self, module: nn.Module) -> bool:
-        return type(module).__module__.startswith("transformers.") and type(module).__name__ in HF_CLASSES
-
-    def refusal(self, module: nn.Module) -> str | None:
-        if type(module).__module__.startswith("transformers."):
-            return (f"Hugging Face {type(module).__name__} is not supported; supported: "
-                    f"{', '.join(HF_CLASSES)}")
-        return None
+    classes = HF_CLASSES
 
     @staticmethod
     def _vision(model: nn.Module) -> nn.Module:

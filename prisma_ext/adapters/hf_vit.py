@@ -12,30 +12,19 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..hooked.config import ViTConfig
 from ..hooked.weights import BlockWeights, ViTWeights
-from .base import Adapter, norm_params
-from .hf_clip import HF_ACTS
+from .base import norm_params
+from .hf_common import HF_ACTS, TransformersAdapter
 
 HF_VIT_CLASSES = ("ViTForImageClassification", "ViTModel")
 
 
-def _is_transformers(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("transformers.")
-
-
-class HFViTAdapter(Adapter):
+class HFViTAdapter(TransformersAdapter):
     """transformers `ViTForImageClassification` (logits from `classifier` on the class token) or
     `ViTModel` built with `add_pooling_layer=False` (no head: `n_classes=0`) -> HookedViT."""
 
     name = "hf-vit"
-
-    def matches(self, module: nn.Module) -> bool:
-        return _is_transformers(module) and type(module).__name__ in HF_VIT_CLASSES
-
-    def refusal(self, module: nn.Module) -> str | None:
-        kind = type(module).__name__
-        if _is_transformers(module) and kind.startswith("ViT"):
-            return f"Hugging Face {kind} is not supported; supported: {', '.join(HF_VIT_CLASSES)}"
-        return None
+    classes = HF_VIT_CLASSES
+    family = "ViT"
 
     @staticmethod
     def _vit(model: nn.Module) -> nn.Module:

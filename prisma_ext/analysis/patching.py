@@ -169,11 +169,13 @@ def _run_from(be: Backend) -> Callable:
     """run(resid, layer, {site: edit}, examples, readout_only) -> output, restarting the tower at
     `layer` (readout_only: the last block carries only the readout's tokens; see run_from)."""
     tower = be.vit
+    # hooks a user left on the last block expect every token there: then run it whole
+    user_hooks = any(m._forward_hooks or m._forward_pre_hooks for m in tower.blocks[-1].modules())
 
     def run(resid: Tensor, layer: int, edits: dict, examples: Tensor, readout_only: bool) -> Tensor:
         hooks = [(name, _as_hook(fn)) for name, fn in edits.items()]
         with tower.hooks(fwd_hooks=hooks):
-            return be.continue_from(resid, layer, examples, readout_only)
+            return be.continue_from(resid, layer, examples, readout_only and not user_hooks)
 
     return run
 
