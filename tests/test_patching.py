@@ -147,6 +147,9 @@ def test_position_specs_and_tables():
     table = patches.to_dataframe()
     assert set(table.columns) >= {"batch", "layer", "patch", "value", "site"} and len(table) == 2 * 2 * 9
     assert patches.plot(batch=1).data
+    heads = activation_patching(model, clean, corrupted, metric, sites="z", layers=[0], progress=False)
+    assert heads.plot("z").layout.title.text.endswith("(head 0; pick with head=...)")  # says what it fixed
+    assert "head" not in heads.plot("z", head=1).layout.title.text
 
 
 def test_attribution_patching_matches_on_both_backends_and_is_exact_where_linear():
@@ -182,8 +185,13 @@ def test_image_text_patching_on_clip():
     torch.testing.assert_close(values[0, 0, 5], text.meta["clean_metric"][0], atol=1e-5, rtol=0)  # "cat"
     torch.testing.assert_close(values[1, 0, 2], text.meta["clean_metric"][1], atol=1e-5, rtol=0)  # "red"
     torch.testing.assert_close(values[0, 0, 2], text.meta["corrupted_metric"][0], atol=1e-5, rtol=0)
-    with pytest.raises(InputError, match="same number of tokens"):
+    assert text["resid_pre"].labels("position")[:3] == ["t0", "t1", "t2"]  # text tokens, not patches
+    with pytest.raises(InputError, match=r"prompts of \[4\] tokens and corrupted prompts of \[5\]"):
         image_text_patching(clip, ["a cat"], ["a big dog"], images=torch.randn(1, 3, 32, 32), tower="text")
+    for grid_only in ("rows", "patches", torch.ones(1, 4, dtype=torch.bool)):
+        with pytest.raises(PrismaError, match="text has no patch grid"):
+            image_text_patching(clip, ["a cat"], ["a dog"], images=torch.randn(1, 3, 32, 32), tower="text",
+                                positions=grid_only)
 
 
 def test_bad_input():

@@ -13,9 +13,9 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 TUTORIALS = sorted((DOCS / "tutorials").glob("[0-9][0-9]_*.py"))
 
 
-def test_there_are_three_tutorials_in_percent_format():
+def test_there_are_four_tutorials_in_percent_format():
     assert [p.name for p in TUTORIALS] == ["01_main_vit_demo.py", "02_patch_logit_lens.py",
-                                          "03_attention_head_tour.py"]
+                                          "03_attention_head_tour.py", "04_patching.py"]
     for path in TUTORIALS:
         text = path.read_text()
         assert "format_name: percent" in text and "# %% [markdown]" in text, path.name

@@ -36,6 +36,7 @@ class Run:
 
 class Backend:
     kind = "base"
+    has_grid = True  # tokens sit on an image's patch grid (False: a text tower)
 
     def __init__(self, model, vit):
         self.model = model
@@ -162,6 +163,8 @@ class NNsightBackend(Backend):
 
 class TextBackend(TLBackend):
     """A HookedCLIP's text tower on token ids (the TL backend); output: text embeddings."""
+
+    has_grid = False
 
     def __init__(self, clip, tokens: Tensor):
         super().__init__(clip, clip.text, return_type="embeds")

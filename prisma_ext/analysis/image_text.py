@@ -64,8 +64,9 @@ def image_text_patching(clip, clean, corrupted, texts=None, images: Tensor | Non
         if not torch.equal(ends_clean, ends_corrupted):
             raise InputError(
                 "tower='text' aligns prompts by token position, so each clean/corrupted pair needs the same "
-                f"number of tokens (end-of-text at the same position); got {ends_clean.tolist()} and "
-                f"{ends_corrupted.tolist()}")
+                f"number of tokens (end-of-text at the same position); got clean prompts of "
+                f"{(ends_clean + 1).tolist()} tokens and corrupted prompts of {(ends_corrupted + 1).tolist()} "
+                "(counting start- and end-of-text)")
         n = clean_tokens.shape[0]
         if images.shape[0] not in (1, n):
             raise InputError(f"tower='text' takes one image or one per prompt: {images.shape[0]} images, "

@@ -31,12 +31,20 @@ class PositionGroups:
         return out
 
 
-def resolve_positions(spec, layout: TokenLayout, n_tokens: int | None = None) -> PositionGroups:
+GRID_SPECS = ("prefix", "patches", "rows", "cols")
+
+
+def resolve_positions(spec, layout: TokenLayout, n_tokens: int | None = None, grid: bool = True) -> PositionGroups:
     """`spec`: "all" (each token), "prefix" (each prefix token), "patches" (each patch), "rows" /
     "cols" (each row / column of patches), a boolean patch-grid mask [rows, cols] (one group), a
-    list of token indices (each on its own), a list of lists (groups) or a dict label -> indices."""
+    list of token indices (each on its own), a list of lists (groups) or a dict label -> indices.
+    grid=False (a text tower): tokens are labelled t0, t1, ... and the image-only specs are refused."""
     n_tokens = n_tokens or layout.n_tokens
-    labels = layout.token_labels() if n_tokens == layout.n_tokens else [f"t{i}" for i in range(n_tokens)]
+    if not grid and (_is_mask(spec) or (isinstance(spec, str) and spec in GRID_SPECS)):
+        raise PrismaError(f"positions={spec if isinstance(spec, str) else 'a patch-grid mask'!r}: text has no "
+                          "patch grid; use 'all', token indices, groups of indices or a dict label -> indices")
+    image_labels = grid and n_tokens == layout.n_tokens
+    labels = layout.token_labels() if image_labels else [f"t{i}" for i in range(n_tokens)]
     first, rows, cols = layout.n_prefix, *layout.grid
 
     def patch(r: int, c: int) -> int:
@@ -62,7 +70,7 @@ def resolve_positions(spec, layout: TokenLayout, n_tokens: int | None = None) ->
     if isinstance(spec, dict):
         groups = [_indices(v, n_tokens, allow_empty=True) for v in spec.values()]
         return PositionGroups(groups, [str(k) for k in spec], "position")
-    if isinstance(spec, (torch.Tensor, np.ndarray)) and spec.dtype in (torch.bool, np.bool_):
+    if _is_mask(spec):
         mask = torch.as_tensor(spec)
         if tuple(mask.shape) != (rows, cols):
             raise PrismaError(f"a position mask must have the patch grid's shape {(rows, cols)}, "
@@ -88,3 +96,7 @@ def _indices(values, n_tokens: int, allow_empty: bool = False) -> list[int]:
     if bad or not (out or allow_empty):
         raise PrismaError(f"token indices must lie in [0, {n_tokens}), got {out}")
     return out
+
+
+def _is_mask(spec) -> bool:
+    return isinstance(spec, (torch.Tensor, np.ndarray)) and spec.dtype in (torch.bool, np.bool_)

@@ -110,4 +110,4 @@ def make_plan(model, clean: Tensor, corrupted: Tensor, sites, positions, heads, 
     base, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
     return Plan(be, check_sites(sites), resolve_indices(layers, be.cfg.n_layers, "layers"),
                 resolve_indices(heads, be.cfg.n_heads, "heads"),
-                resolve_positions(positions, be.layout), base, source)
+                resolve_positions(positions, be.layout, grid=be.has_grid), base, source)

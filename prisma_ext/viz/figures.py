@@ -13,6 +13,15 @@ def _fix_axes(result, keep: set[str], index: dict[str, int]):
     return result.select(**chosen) if chosen else result
 
 
+def _defaulted(result, keep: set[str], index: dict[str, int]) -> str:
+    """' (head 0; pick with head=...)' for the axes besides batch that a figure fixes at 0 unasked."""
+    fixed = [d for d in result.dims if d not in keep and d not in index and d != "batch"]
+    if not fixed:
+        return ""
+    shown = ", ".join(f"{d} {result.labels(d)[0]}" for d in fixed)
+    return f" ({shown}; pick with {', '.join(f'{d}=...' for d in fixed)})"
+
+
 def result_figure(result, facet: str | None = None, title: str | None = None, **index: int):
     import plotly.express as px
     import plotly.graph_objects as go
@@ -24,6 +33,7 @@ def result_figure(result, facet: str | None = None, title: str | None = None, **
         if facet is None:
             facet = next((d for d in others if d != "batch"), None)
         keep = {spatial} | ({facet} if facet else set())
+        title += _defaulted(result, keep, index)
         sub = _fix_axes(result, keep, index)
         grid = sub.grid().detach().float().cpu().numpy()
         if facet:
@@ -39,6 +49,7 @@ def result_figure(result, facet: str | None = None, title: str | None = None, **
         fig.update_yaxes(showticklabels=False)
         return fig
     free = [d for d in result.dims if d not in index and d != "batch"][:2]
+    title += _defaulted(result, set(free), index)
     sub = _fix_axes(result, set(free), index)
     values = sub.values.detach().float().cpu().numpy()
     if values.ndim == 1:
