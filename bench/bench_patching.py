@@ -6,9 +6,10 @@ helpers do: one full hooked forward pass per (layer, position). Both give the sa
 here). Then attribution patching of all four sites against one forward plus one backward pass
 (and with steps=4, for information).
 
-    .venv/bin/python bench/bench_patching.py [--layers N] [--device cuda]
-        --layers N: only the first N layers in both sweeps (shorter; default all 12)
-        --device:   where to run (default cpu; on a GPU the timers synchronise)
+    .venv/bin/python bench/bench_patching.py [--layers N] [--device cuda] [--threads N]
+        --layers N:  only the first N layers in both sweeps (shorter; default all 12)
+        --device:    where to run (default cpu; on a GPU the timers synchronise)
+        --threads N: CPU threads (default 2)
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=None, help="layers in both sweeps (default: all 12)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2: this project's CI machine)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == "cpu":
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
     import timm
 
     src = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
