@@ -45,8 +45,8 @@ def attribution_patching(model, clean: Tensor, corrupted: Tensor, metric: Any,
     n = clean.shape[0]
     examples = torch.arange(n)
     with torch.no_grad():
-        metric = as_metric(be, clean, metric)
         source = be.run(source_input, read=names)
+        metric = as_metric(be, clean, metric, source.output if direction == "denoising" else None)
     base, grads = _base_and_grads(be, base_input, source_input, names, metric, examples, steps)
     with torch.no_grad():
         m_base = call_metric(metric, base.output.detach(), examples).float().cpu()
@@ -88,8 +88,7 @@ def _base_and_grads(be, base_input: Tensor, source_input: Tensor, names: list[st
         base = be.run(base_input, read=names)
     grads: dict[str, Tensor] = {}
     for k in range(steps):
-        alpha = (k + 0.5) / steps
-        point = be.run(torch.lerp(base_input, source_input, alpha), read=names, grad_of=total)
+        point = be.run(torch.lerp(base_input, source_input, (k + 0.5) / steps), read=names, grad_of=total)
         for name, g in point.grads.items():
-            grads[name] = grads[name] + g / steps if name in grads else g / steps
+            grads[name] = grads.get(name, 0) + g / steps
     return base, grads

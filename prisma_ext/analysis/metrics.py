@@ -83,16 +83,18 @@ ACCEPTED = ("a function metric(output, examples) or metric(output) -> [n], a cla
             "px.ImageTextScore(texts) on a CLIP model")
 
 
-def as_metric(backend: Backend, images: Tensor, metric: Any) -> Callable[[Tensor, Tensor], Tensor]:
+def as_metric(backend: Backend, images: Tensor, metric: Any, output: Tensor | None = None
+              ) -> Callable[[Tensor, Tensor], Tensor]:
     """A patching metric from `metric`: a callable comes back unchanged; a target (see
     `prisma_ext.analysis.targets`) is bound to `images` [batch, ...] (the clean images: None
-    means the class the model predicts for each) and becomes (output [n, ...], examples [n]) ->
-    [n]: row i's score for image examples[i] (that image's class, prompt or pair of classes)."""
+    means the class the model predicts for each; `output`, the model's output on them where the
+    caller has it, spares a forward pass) and becomes (output [n, ...], examples [n]) -> [n]:
+    row i's score for image examples[i] (that image's class, prompt or pair of classes)."""
     if callable(metric) and not isinstance(metric, Target):
         return metric
     if not (metric is None or isinstance(metric, (Target, Integral, str, Tensor, Sequence))):
         raise InputError(f"metric: expected {ACCEPTED}; got {type(metric).__name__}")
-    bound = bind(backend, images, as_target(metric))
+    bound = bind(backend, images, as_target(metric), output)
     read_acts = _acts_reader(backend, bound)
 
     def score(output: Tensor, examples: Tensor) -> Tensor:

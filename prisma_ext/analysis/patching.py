@@ -62,7 +62,6 @@ class Sweep:
         self.be, self.base_input, self.base_cache, self.source_cache = backend, base_input, base_cache, source_cache
         self.group_mask = groups.mask(backend_tokens(base_cache))
         self.reuse, self.run_from = reuse, run_from
-        self.n_layers = backend.cfg.n_layers
 
     def outputs(self, site: str, layer: int, jobs: Jobs) -> Tensor:
         name = site_name(site, layer)
@@ -77,9 +76,8 @@ class Sweep:
             return self.be.run(self.base_input[examples], edit={name: edit}).output
         resid = self.base_cache[site_name("resid_pre", layer)][examples]
         if site == "resid_pre":
-            return self.run_from(edit(resid), layer, {}, examples, True)
-        # the last block carries only the readout's tokens, so no edit may sit inside it
-        return self.run_from(resid, layer, {name: edit}, examples, layer < self.n_layers - 1)
+            return self.run_from(edit(resid), layer, {}, examples)
+        return self.run_from(resid, layer, {name: edit}, examples)
 
 
 def backend_tokens(cache: dict) -> int:
@@ -120,7 +118,7 @@ def activation_patching(model, clean: Tensor, corrupted: Tensor, metric: Any,
         source = be.run(source_input, read=names)
         n = clean.shape[0]
         examples = torch.arange(n)
-        metric = as_metric(be, clean, metric)
+        metric = as_metric(be, clean, metric, source.output if direction == "denoising" else base.output)
         m_base = call_metric(metric, base.output, examples)
         m_source = call_metric(metric, source.output, examples)
     m_clean, m_corr = (m_source, m_base) if direction == "denoising" else (m_base, m_source)
@@ -166,16 +164,18 @@ def _result(site, values, m_clean, m_corr, normalize, be, layer_list, head_list,
 
 
 def _run_from(be: Backend) -> Callable:
-    """run(resid, layer, {site: edit}, examples, readout_only) -> output, restarting the tower at
-    `layer` (readout_only: the last block carries only the readout's tokens; see run_from)."""
+    """run(resid, layer, {site: edit}, examples) -> output, restarting the tower at `layer`. The
+    last block carries only the readout's tokens (see run_from) unless an edit, or a hook a
+    user left there, needs every token in it."""
     tower = be.vit
-    # hooks a user left on the last block expect every token there: then run it whole
+    last_block = f"blocks.{len(tower.blocks) - 1}."
     user_hooks = any(m._forward_hooks or m._forward_pre_hooks for m in tower.blocks[-1].modules())
 
-    def run(resid: Tensor, layer: int, edits: dict, examples: Tensor, readout_only: bool) -> Tensor:
+    def run(resid: Tensor, layer: int, edits: dict, examples: Tensor) -> Tensor:
         hooks = [(name, _as_hook(fn)) for name, fn in edits.items()]
+        readout_only = not user_hooks and not any(name.startswith(last_block) for name in edits)
         with tower.hooks(fwd_hooks=hooks):
-            return be.continue_from(resid, layer, examples, readout_only and not user_hooks)
+            return be.continue_from(resid, layer, examples, readout_only)
 
     return run
 

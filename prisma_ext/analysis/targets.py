@@ -271,13 +271,13 @@ def as_target(target: Any) -> Target:
                      f"ImageTextScore(texts) or a function of the output, got {type(target).__name__}")
 
 
-def bind(backend: Backend, images: Tensor, target: Any) -> Target:
-    """`target` bound to `images` (runs the model once when it must predict the class)."""
+def bind(backend: Backend, images: Tensor, target: Any, output: Tensor | None = None) -> Target:
+    """`target` bound to `images`. `output`: the model's output on `images` where the caller has
+    it; otherwise the model runs once when it must predict the class."""
     target = as_target(target)
     if target.bound:
         return target
-    output = images[:0]
-    if isinstance(target, ClassTarget) and target.classes is None:
+    if output is None and isinstance(target, ClassTarget) and target.classes is None:
         with torch.no_grad():
             output = backend.run(images).output
-    return target.bind(backend, output, images.shape[0])
+    return target.bind(backend, images[:0] if output is None else output, images.shape[0])
