@@ -1,7 +1,7 @@
 """The ``prisma-ext`` command.
 
 ``prisma-ext report`` writes one self-contained HTML report explaining a model's prediction on
-one image (the work is in ``prisma_ext.viz.report``). ``prisma-ext inspect`` (what the bare
+one image (the work is in ``prisma_ext.report``). ``prisma-ext inspect`` (what the bare
 command runs) prints a model's architecture, token layout, hook sites and top-k classes.
 ``prisma-ext models`` lists what loads; ``prisma-ext sites MODEL`` lists a model's sites.
 
@@ -174,11 +174,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     import torch
 
-    import prisma_ext as px
+    from prisma_ext.load import load
 
     weights = "pretrained" if args.pretrained else "random"
     print(f"{PROG} inspect: {args.model} ({weights} weights)")
-    model = px.load(args.model, pretrained=args.pretrained)
+    model = load(args.model, pretrained=args.pretrained)
     model.eval()
 
     _section("architecture")
@@ -219,7 +219,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from prisma_ext.viz.report import build_report, stderr_log
+    from prisma_ext.report.build import build_report, stderr_log
 
     build_report(args.model, image=args.image, target=args.target, corrupted=args.corrupted, out=args.out,
                  pretrained=not args.random_weights, top_k=args.top_k, log=None if args.quiet else stderr_log)
@@ -227,16 +227,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from prisma_ext.viz.catalog import models_text
+    from prisma_ext.catalog import models_text
 
     print(models_text(full=args.all))
     return 0
 
 
 def cmd_sites(args: argparse.Namespace) -> int:
-    import prisma_ext as px
+    from prisma_ext.load import load
 
-    model = px.load(args.model, pretrained=args.model.startswith("builtin:"))
+    model = load(args.model, pretrained=args.model.startswith("builtin:"))
     shapes = model.site_shapes()
     print(f"{args.model}: {model.layout.describe()}")
     print(f"{len(shapes)} hook sites (batch size 1)")

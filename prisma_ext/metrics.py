@@ -1,4 +1,5 @@
-"""Patching metrics (`from prisma_ext.metrics import logit_diff`): see prisma_ext.analysis.metrics."""
+"""The patching metrics of the previous release (`px.metrics.logit_diff` ...): each returns the
+equivalent target, with a DeprecationWarning; see `prisma_ext.analysis.metrics`."""
 
 from .analysis.metrics import call_metric, clip_score_diff, logit_diff, target_prob
 

@@ -1,7 +1,24 @@
-import sys
-from pathlib import Path
+"""Shared test set-up. Builders of small random models live in `tests.support` (imported as a
+package: `from tests.support.models import small_timm`); the objects several tests share are
+fixtures here."""
 
+import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
+
+
+@pytest.fixture
+def analysis_pair():
+    """`pair(variant, batch=3)`: a small timm ViT on both backends with images (cached)."""
+    from tests.support.pairs import pair
+
+    return pair
+
+
+@pytest.fixture
+def reference_patch():
+    """The one hand-written patcher the batched and traced sweeps are checked against."""
+    from tests.support.patcher import reference_patch
+
+    return reference_patch

@@ -129,7 +129,7 @@ pxp.imshow(torch.stack([cls_row, cls_attribution]).detach().numpy(), facet_col=0
 # batches many runs per forward pass.
 
 # %%
-metric = px.metrics.logit_diff(a, b)
+metric = px.LogitDiff(a, b)
 sweep = px.activation_patching(model, clean, corrupted, metric, sites=("resid_pre",),
                                positions="all", normalize=True, progress=False)
 per_token = sweep["resid_pre"]  # [batch, layer, token]

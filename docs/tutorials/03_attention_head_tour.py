@@ -22,7 +22,8 @@
 # rough types, find the heads that follow the object, then check which heads *matter* by
 # ablating them.
 #
-# The statistics live in `prisma_ext.viz.heads` (the report's head gallery uses them):
+# The statistics are `px.head_statistics` (`prisma_ext.analysis.heads`; the report's head gallery
+# uses them, and `prisma_ext.viz.heads` draws them):
 # `to_prefix`, `to_self`, `entropy` (1 = uniform) and `distance` (mean query-key distance in
 # patches, relative to uniform attention) over the patch queries.
 
@@ -31,7 +32,7 @@ import torch
 
 import prisma_ext as px
 from prisma_ext import zoo
-from prisma_ext.viz.heads import head_gallery, head_patterns, head_stats, head_type_figure, readout_attention
+from prisma_ext.viz.heads import head_gallery, head_type_figure
 
 model = px.load("builtin:shapes-vit")
 names = list(model.class_names)
@@ -39,8 +40,8 @@ layout = model.layout
 scenes = zoo.heldout("shapes-vit", n=64, seed=11)
 images = zoo.normalize(scenes.images, "shapes-vit")
 
-patterns = head_patterns(model, images, mean=False)  # [batch, layer, head, query, key]
-stats = head_stats(patterns, layout)  # per image, then averaged
+patterns = px.head_patterns(model, images, mean=False)  # values [batch, layer, head, query, key]
+stats = px.head_statistics(patterns).to_dataframe()  # per image, then averaged; one row per head
 print(stats.round(3).to_string(index=False))
 print(stats["type"].value_counts().to_string())
 
@@ -54,8 +55,8 @@ head_type_figure(stats)
 # type. (For an average-pool model this is the mean over the pooled queries.)
 
 # %%
-readout = readout_attention(model, images, patterns.mean(0))  # [layer, head, n_patches]
-head_gallery(readout, layout, stats)
+readout = px.readout_attention(model, images, patterns=patterns.mean_over("batch"))  # [layer, head, patch]
+head_gallery(readout, stats=stats)
 
 # %% [markdown]
 # ## Object heads
@@ -117,6 +118,6 @@ print(stats.sort_values("accuracy_drop", ascending=False).head(5).round(3).to_st
 
 # %%
 traced = px.load("builtin:shapes-vit", backend="nnsight")
-torch.testing.assert_close(head_patterns(traced, images[:8]), head_patterns(model, images[:8]),
+torch.testing.assert_close(px.head_patterns(traced, images[:8]).values, px.head_patterns(model, images[:8]).values,
                            atol=1e-5, rtol=1e-4)
 print("nnsight backend: same patterns")

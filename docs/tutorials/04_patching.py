@@ -23,7 +23,7 @@
 # 3. **Both directions**: denoising asks whether a component is *sufficient* to bring the clean
 #    answer back, noising whether it is *necessary* for it.
 # 4. **The nnsight backend**: the same sweep on the original timm module, the same numbers.
-# 5. **Metrics**: a function or a target (`px.LogitDiff`), the same sweep.
+# 5. **Targets**: `px.LogitDiff` by name or index, or a plain function: the same sweep.
 # 6. **Attribution patching**: the gradient estimate of a whole sweep, held against the exact one.
 # 7. **CLIP**: the vision tower scored by how much more an image matches one prompt than
 #    another, and the text tower patched between two prompts.
@@ -71,9 +71,10 @@ for seed in range(50):
         break
 seed, clean, corrupted, covered = pairs[0]
 
-metric = px.metrics.logit_diff(a, b)  # metric(logits, examples): logit(circle) - logit(square) per row
+metric = px.LogitDiff(a, b)  # the target every run is scored by: logit(circle) - logit(square)
 with torch.no_grad():
-    scores = metric(model(torch.cat([clean, corrupted])), torch.tensor([0, 0]))
+    logits = model(torch.cat([clean, corrupted]))
+    scores = logits[:, a] - logits[:, b]
 print(f"seed {seed}: logit({A}) - logit({B}) is {float(scores[0]):.2f} on the {A} (clean) "
       f"and {float(scores[1]):.2f} on the {B} (corrupted)")
 print("seeds of the six pairs:", [p[0] for p in pairs])
@@ -233,19 +234,19 @@ start = time.perf_counter()
 px.activation_patching(model, clean, corrupted, metric, sites=SITES, positions="all", normalize=True, progress=False)
 seconds_tl = time.perf_counter() - start
 gap = max(float((again[s].values - sweep[s].values).abs().max()) for s in SITES)
-cells = sum(r.values.numel() for r in sweep.values())
+cells = sum(r.values.numel() for r in sweep.results())
 print(f"{cells} cells; largest difference between the backends: {gap:.1e}")
 print(f"restarting at the patched layer: {sweep.meta['reuse']} (TransformerLens), {again.meta['reuse']} (nnsight); "
       f"this run took {seconds_tl:.2f} s and {seconds_nnsight:.2f} s")
 assert gap < 1e-4
 
 # %% [markdown]
-# ## 5. A metric function or a target: the same sweep
+# ## 5. Targets: the same sweep, written three ways
 #
-# `metric` takes a function of the output (with or without the `examples` argument that says
-# which input each row belongs to), or anything the other methods take as `target=`: a class,
-# `px.LogitDiff(a, b)` with class indices or names, `None` for each clean image's predicted
-# class. A logit difference written any of these ways is the same sweep.
+# Patching takes what every other method takes as `target=`: a class, `px.LogitDiff(a, b)` with
+# class indices or names, `px.ClassProb(c)`, `None` for each clean image's predicted class, or a
+# plain function of the output `fn(logits) -> [n]`. A logit difference written any of these ways
+# is the same sweep.
 
 # %%
 ways = {
@@ -257,12 +258,12 @@ for label, way in ways.items():
     same = px.activation_patching(model, clean, corrupted, way, sites=SITES, positions="all", normalize=True,
                                   progress=False)
     gap = max(float((same[s].values - sweep[s].values).abs().max()) for s in SITES)
-    print(f"{label:>44}: largest difference from px.metrics.logit_diff(a, b): {gap:.1e}")
+    print(f"{label:>44}: largest difference from the sweep above: {gap:.1e}")
 
-# a class alone is another metric: that class's logit, which also moves with what every class shares
+# a class alone is another target: that class's logit, which also moves with what every class shares
 alone = px.activation_patching(model, clean, corrupted, A, sites=("resid_pre",), positions="all", normalize=True,
                                progress=False)["resid_pre"]
-print(f"resid_pre at CLS by layer, metric {A!r}:", [round(float(v), 3) for v in alone.values[0, :, 0]],
+print(f"resid_pre at CLS by layer, target {A!r}:", [round(float(v), 3) for v in alone.values[0, :, 0]],
       "| logit difference:", [round(float(v), 3) for v in cls_by_layer])
 
 # %% [markdown]

@@ -1,7 +1,13 @@
-"""Adapters turn source models (timm, later open_clip and HF, or your own) into HookedViTs."""
+"""Adapters turn source models (timm, open_clip, Hugging Face, or your own) into hooked models.
 
-from .base import Adapter, norm_params
+`base` is the contract (`Adapter`, `CLIPAdapter`), `registry` finds the adapter of a module (user
+adapters first), and one module per source family implements it: `timm_vit`, `open_clip`,
+`hf_clip`, `hf_vit` (`hf_common` is what the Hugging Face ones share, `tokenizers` the CLIP prompt
+tokenizers). Site maps for the nnsight backend are in `prisma_ext.sitemaps`.
+"""
+
+from .base import Adapter, CLIPAdapter, norm_params
 from .registry import adapter_for, list_adapters, register_adapter, unregister_adapter
 
-__all__ = ["Adapter", "norm_params", "adapter_for", "list_adapters", "register_adapter",
+__all__ = ["Adapter", "CLIPAdapter", "norm_params", "adapter_for", "list_adapters", "register_adapter",
            "unregister_adapter"]

@@ -1,62 +1,145 @@
-"""What an adapter is: it recognises a source model and turns it into canonical ViT weights."""
+"""The adapter contract: what prisma-ext needs to know about a source model, in one place.
+
+An adapter is the only code that knows a source library's module and parameter names. It
+recognises a module (`matches`), says why a relative it knows is refused (`refusal`) or which
+feature of a variant it cannot convert (`check`), describes the architecture (`config`), hands
+over the weights in canonical form (`weights`), names the classes (`class_names`) and says where
+each TL site lives for the nnsight backend (`site_map`). `to_hooked` is a template: it always
+runs `check`, then `convert`; a subclass overrides `convert` (or nothing), never `to_hooked`.
+`CLIPAdapter` adds the text tower and the contrastive head. docs/adapters.md walks through one.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
-from ..hooked.config import ViTConfig
-from ..hooked.weights import ViTWeights
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..hooked.config import TextConfig, ViTConfig
+    from ..hooked.tokenize import PromptTokenizer
+    from ..hooked.weights import TextWeights, ViTWeights
+    from ..sitemaps.spec import Site
 
 
 class Adapter:
-    """Base class for adapters. A subclass sets `name` and implements `matches`, `config` and
-    `weights`; `check` may refuse unsupported variants with an `UnsupportedModelError` that names
-    the missing feature. `to_hooked` is the whole conversion. For the nnsight backend an adapter
-    also implements `site_map` (optional: without it only the TL backend takes its models).
+    """Base class of every adapter; see the module docstring for the contract.
+
+    Required: `name`, `matches`, `config`, `weights`. Optional: `refusal`, `check`, `class_names`,
+    `site_map` (without it only the TL backend takes the model), `traced_class` (a
+    `prisma_ext.traced.TracedModel` subclass for inputs that are not image tensors; None: the
+    nnsight backend picks `TracedViT` or, for `is_clip` models, `TracedCLIP`).
     """
 
     name: str = "adapter"
+    traced_class: type | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "to_hooked" in cls.__dict__:
+            warnings.warn(f"{cls.__name__} overrides Adapter.to_hooked, which skips the checks it runs: "
+                          "override convert(module, options) instead (to_hooked calls check, then convert)",
+                          DeprecationWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ recognising
     def matches(self, module: nn.Module) -> bool:
-        """Whether this adapter is the one for `module` (cheap: no heavy imports)."""
+        """Whether this adapter converts `module` (cheap: no heavy imports)."""
         raise NotImplementedError
 
-    def check(self, module: nn.Module) -> None:
-        """Raise UnsupportedModelError if `module` uses a feature the HookedViT lacks."""
+    def refusal(self, module: nn.Module) -> str | None:
+        """Why `module`, a relative this adapter knows but does not convert (another class of the
+        same library), is refused, naming the feature; None when it is not such a relative."""
+        return None
 
+    def check(self, module: nn.Module) -> None:
+        """Raise `UnsupportedModelError` naming the feature if `module` uses one the hooked model
+        lacks. Runs before every conversion and before every trace."""
+
+    # ------------------------------------------------------------------ describing
     def config(self, module: nn.Module) -> ViTConfig:
+        """The architecture of the (image) tower: widths, token layout, norms, pooling, head."""
         raise NotImplementedError
 
     def weights(self, module: nn.Module) -> ViTWeights:
+        """The (image) tower's parameters in canonical form (`prisma_ext.hooked.weights`)."""
         raise NotImplementedError
 
     def class_names(self, module: nn.Module) -> list[str] | None:
         return None
 
-    def to_hooked(self, module: nn.Module, **options: Any):
-        """Convert `module`; `options` are ViTConfig fields (fold_ln, use_attn_result, ...)."""
-        from ..hooked.vit import HookedViT
+    def is_clip(self, module: nn.Module) -> bool:
+        """Whether `module` has a text tower too (it becomes a HookedCLIP / TracedCLIP)."""
+        return False
 
-        self.check(module)
-        cfg = self.config(module).replace(**options)
-        return HookedViT.from_weights(cfg, self.weights(module), self.class_names(module))
-
-    def site_map(self, module: nn.Module) -> dict:
-        """TL site name -> `prisma_ext.traced.sites.Site` (submodule path, port, view), in forward
-        order, for the nnsight backend. Optional; the default refuses."""
+    def site_map(self, module: nn.Module) -> dict[str, Site]:
+        """TL site name -> `prisma_ext.sitemaps.Site`, in forward order, for the nnsight backend
+        (write it with `prisma_ext.sitemaps.SiteMap`). The default refuses."""
         raise UnsupportedModelError(
             f"adapter {self.name!r} has no site map, so the nnsight backend cannot trace "
             f"{type(module).__name__}; the TL backend (backend='tl') can")
 
-    def to_traced(self, module: nn.Module, **options: Any):
-        """Wrap the original `module` for nnsight (no weight conversion); `options`: device, dtype
-        (they move the module itself)."""
-        from ..traced.model import TracedViT
+    # ------------------------------------------------------------------ converting
+    def to_hooked(self, module: nn.Module, **options: Any):
+        """The hooked model of `module`: `check`, then `convert`. `options` are config fields
+        (fold_ln, use_attn_result, device, dtype, ...)."""
+        self.check(module)
+        return self.convert(module, options)
 
-        return TracedViT(module, adapter=self, **options)
+    def convert(self, module: nn.Module, options: dict[str, Any]):
+        """Build the hooked model (`check` has passed): a HookedViT from `config` and `weights`."""
+        from ..hooked.vit import HookedViT
+
+        cfg = self.config(module).replace(**options)
+        return HookedViT.from_weights(cfg, self.weights(module), self.class_names(module))
+
+
+class CLIPAdapter(Adapter):
+    """An adapter of CLIP-like models: an image tower (`config`, `weights`), a text tower
+    (`text_config`, `text_weights`, `tokenizer`) and the contrastive head (`logit_scale`,
+    `logit_bias`). `convert` builds a HookedCLIP (a HookedViT where `is_clip` is False, e.g. a
+    vision tower on its own)."""
+
+    def is_clip(self, module: nn.Module) -> bool:
+        return True
+
+    def text_config(self, module: nn.Module) -> TextConfig:
+        raise NotImplementedError
+
+    def text_weights(self, module: nn.Module) -> TextWeights:
+        raise NotImplementedError
+
+    def tokenizer(self, module: nn.Module) -> PromptTokenizer | Any | None:
+        """A `PromptTokenizer`, a zero-argument factory of one (built on first use), or None
+        (then prompts must be given as token ids)."""
+        return None
+
+    def logit_scale(self, module: nn.Module) -> Tensor:
+        """log of the temperature CLIP multiplies cosine similarities by (a scalar)."""
+        raise NotImplementedError
+
+    def logit_bias(self, module: nn.Module) -> Tensor | None:
+        """The bias added to every logit (SigLIP), or None."""
+        return None
+
+    def convert(self, module: nn.Module, options: dict[str, Any]):
+        if not self.is_clip(module):
+            return super().convert(module, options)
+        from ..hooked.clip import HookedCLIP
+        from ..hooked.text import HookedTextTransformer
+        from ..hooked.vit import HookedViT
+
+        vcfg = self.config(module).replace(**options)
+        tcfg = self.text_config(module).replace(**options)
+        visual = HookedViT.from_weights(vcfg, self.weights(module))
+        text = HookedTextTransformer.from_weights(tcfg, self.text_weights(module))
+        bias = self.logit_bias(module)
+        clip = HookedCLIP(visual, text, self.logit_scale(module).detach().to(vcfg.dtype),
+                          bias.detach().to(vcfg.dtype) if bias is not None else None,
+                          tokenizer=self.tokenizer(module), source=vcfg.source)
+        return clip.to(device=vcfg.device).eval()
 
 
 def norm_params(norm: nn.Module) -> tuple | None:

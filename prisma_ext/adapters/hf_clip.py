@@ -13,7 +13,7 @@ from ..errors import UnsupportedModelError
 from ..hooked.config import TextConfig, ViTConfig
 from ..hooked.weights import BlockWeights, TextWeights, ViTWeights
 from .base import norm_params
-from .hf_common import HF_ACTS, TransformersAdapter
+from .hf_common import HF_ACTS, TransformersCLIPAdapter
 from .open_clip import OPENAI_MEAN, OPENAI_STD
 
 HF_CLASSES = ("CLIPModel", "CLIPVisionModel")
@@ -48,7 +48,7 @@ def encoder_weights(encoder: nn.Module) -> list[BlockWeights]:
     return blocks
 
 
-class HFCLIPAdapter(TransformersAdapter):
+class HFCLIPAdapter(TransformersCLIPAdapter):
     """transformers `CLIPModel` -> HookedCLIP; `CLIPVisionModel` -> HookedViT (pooled output)."""
 
     name = "hf-clip"
@@ -121,7 +121,7 @@ class HFCLIPAdapter(TransformersAdapter):
         49408-token vocabulary (it keeps the end-of-text token when it truncates), else the
         CLIPTokenizer saved with the model, else none (pass token ids)."""
         from ..hooked.tokenize import PromptTokenizer
-        from .clip_common import hf_tokenizer, open_clip_tokenizer
+        from .tokenizers import hf_tokenizer, open_clip_tokenizer
 
         cfg = self.text_config(model)
         if cfg.vocab_size == 49408:
@@ -132,28 +132,19 @@ class HFCLIPAdapter(TransformersAdapter):
             return None
         return PromptTokenizer(fn, cfg.context_length, pad_id=fn.pad_id)
 
-    def to_hooked(self, model: nn.Module, **options):
-        if type(model).__name__ == "CLIPVisionModel":
-            return super().to_hooked(model, **options)
-        from .clip_common import build_hooked_clip
+    def is_clip(self, model: nn.Module) -> bool:
+        return hasattr(model, "text_model")  # CLIPVisionModel: a vision tower alone (HookedViT)
 
-        return build_hooked_clip(self, model, model.logit_scale, None, options)
+    def logit_scale(self, model: nn.Module):
+        return model.logit_scale
 
     # ---------------------------------------------------------------- nnsight sites
     def site_map(self, model: nn.Module) -> dict:
         """HookedCLIP's site names on the transformers modules (a `CLIPVisionModel`: HookedViT's
-        unprefixed names), image tower first; see `prisma_ext.traced.clip_sites`."""
-        from ..traced.clip_sites import hf_text, hf_vision
+        unprefixed names), image tower first (`prisma_ext.sitemaps.hf`)."""
+        from ..sitemaps.hf import hf_clip_sites
 
-        if not hasattr(model, "text_model"):
-            return hf_vision(model, prefix="")
-        return {**hf_vision(model, prefix="visual."), **hf_text(model)}
-
-    def to_traced(self, model: nn.Module, **options):
-        """Wrap the original transformers model for nnsight (a `TracedCLIP`); options: device, dtype."""
-        from ..traced.clip import TracedCLIP
-
-        return TracedCLIP(model, adapter=self, **options)
+        return hf_clip_sites(model)
 
 
 ADAPTERS = [HFCLIPAdapter()]

@@ -1,15 +1,18 @@
 """What the Hugging Face adapters share: recognising transformers classes by name, refusing
-their relatives with the supported list, and the activation names of transformers configs."""
+their relatives with the list of every supported class, and the activation names of configs."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, CLIPAdapter
 
 # transformers' `hidden_act` -> our activation names
 HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
            "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
+SUPPORTED: list[str] = []  # every transformers class some adapter below converts
 
 
 def is_transformers(module: nn.Module) -> bool:
@@ -18,10 +21,14 @@ def is_transformers(module: nn.Module) -> bool:
 
 class TransformersAdapter(Adapter):
     """An adapter for the transformers classes named in `classes`; it refuses the other
-    transformers classes whose names start with `family` ("" for all), naming the supported ones."""
+    transformers classes whose names start with `family` ("" for all), naming every supported one."""
 
     classes: tuple[str, ...] = ()
     family: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        SUPPORTED.extend(c for c in cls.__dict__.get("classes", ()) if c not in SUPPORTED)
 
     def matches(self, module: nn.Module) -> bool:
         return is_transformers(module) and type(module).__name__ in self.classes
@@ -29,5 +36,9 @@ class TransformersAdapter(Adapter):
     def refusal(self, module: nn.Module) -> str | None:
         kind = type(module).__name__
         if is_transformers(module) and kind.startswith(self.family):
-            return f"Hugging Face {kind} is not supported; supported: {', '.join(self.classes)}"
+            return f"Hugging Face {kind} is not supported; supported: {', '.join(SUPPORTED)}"
         return None
+
+
+class TransformersCLIPAdapter(TransformersAdapter, CLIPAdapter):
+    """A transformers CLIP-like adapter (class matching above, the CLIP contract of `CLIPAdapter`)."""

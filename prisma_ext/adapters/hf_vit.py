@@ -100,10 +100,10 @@ class HFViTAdapter(TransformersAdapter):
 
     # ---------------------------------------------------------------- nnsight sites
     def site_map(self, model: nn.Module) -> dict:
-        """HookedViT's site names on the transformers modules; see `prisma_ext.traced.clip_sites.hf_vit`."""
-        from ..traced.clip_sites import hf_vit
+        """HookedViT's site names on the transformers modules (`prisma_ext.sitemaps.hf`)."""
+        from ..sitemaps.hf import hf_vit_sites
 
-        return hf_vit(model)
+        return hf_vit_sites(model)
 
 
 ADAPTERS = [HFViTAdapter()]

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..hooked.config import TextConfig, ViTConfig
 from ..hooked.weights import BlockWeights, TextWeights, ViTWeights
-from .base import Adapter, norm_params
+from .base import CLIPAdapter, norm_params
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,7 +84,7 @@ class TextParts:
         self.eos_id = getattr(src, "eos_id", None) or getattr(model, "text_eos_id", None)
 
 
-class OpenCLIPAdapter(Adapter):
+class OpenCLIPAdapter(CLIPAdapter):
     """open_clip `CLIP` / `CustomTextCLIP` with open_clip's own ViT and text towers."""
 
     name = "open_clip"
@@ -199,7 +199,7 @@ class OpenCLIPAdapter(Adapter):
     def tokenizer(self, model: nn.Module):
         """A factory for the prompt tokenizer (built on first use: some live on the hub)."""
         from ..hooked.tokenize import PromptTokenizer
-        from .clip_common import open_clip_tokenizer
+        from .tokenizers import open_clip_tokenizer
 
         cfg = self.text_config(model)
         arch = getattr(model, "_prisma_arch", None)
@@ -207,27 +207,19 @@ class OpenCLIPAdapter(Adapter):
             return None  # an instance whose tokenizer we cannot tell: pass token ids
         return lambda: PromptTokenizer(open_clip_tokenizer(arch, cfg.context_length), cfg.context_length)
 
-    def to_hooked(self, model: nn.Module, **options):
-        from .clip_common import build_hooked_clip
+    def logit_scale(self, model: nn.Module):
+        return model.logit_scale
 
-        self.check(model)
-        bias = getattr(model, "logit_bias", None)
-        return build_hooked_clip(self, model, model.logit_scale, bias, options)
+    def logit_bias(self, model: nn.Module):
+        return getattr(model, "logit_bias", None)
 
     # ---------------------------------------------------------------- nnsight sites
     def site_map(self, model: nn.Module) -> dict:
-        """HookedCLIP's site names on open_clip's own modules, image tower first (nnsight backend).
-        q/k/v, z and the pattern come from a per-trace explicit attention body
-        (`prisma_ext.traced.attention`); see `prisma_ext.traced.clip_sites`."""
-        from ..traced.clip_sites import open_clip_text, open_clip_visual
+        """HookedCLIP's site names on open_clip's own modules, image tower first
+        (`prisma_ext.sitemaps.open_clip`)."""
+        from ..sitemaps.open_clip import open_clip_sites
 
-        return {**open_clip_visual(model.visual), **open_clip_text(model)}
-
-    def to_traced(self, model: nn.Module, **options):
-        """Wrap the original open_clip model for nnsight (a `TracedCLIP`); options: device, dtype."""
-        from ..traced.clip import TracedCLIP
-
-        return TracedCLIP(model, adapter=self, **options)
+        return open_clip_sites(model)
 
 
 ADAPTERS = [OpenCLIPAdapter()]

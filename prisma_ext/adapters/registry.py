@@ -15,10 +15,11 @@ _user_adapters: list[Adapter] = []
 _builtin_adapters: list[Adapter] = []
 
 
-def register_adapter(adapter: Adapter | type[Adapter]) -> Adapter:
+def register_adapter(adapter: Adapter | type[Adapter]) -> Adapter | type[Adapter]:
     """Register an adapter (instance or class); user adapters are tried before built-in ones.
 
-    Usable as a class decorator. Returns the registered instance.
+    Usable as a class decorator: then the class is returned (so the decorated name stays the
+    class); called with an instance, that instance is returned.
     """
     instance = adapter() if isinstance(adapter, type) else adapter
     if not isinstance(instance, Adapter):
@@ -50,7 +51,7 @@ def adapter_for(module: nn.Module) -> Adapter:
         if adapter.matches(module):
             return adapter
     for adapter in _builtins():
-        reason = getattr(adapter, "refusal", lambda m: None)(module)
+        reason = adapter.refusal(module)
         if reason:
             raise UnsupportedModelError(reason)
     kind = f"{type(module).__module__}.{type(module).__qualname__}"

@@ -226,48 +226,10 @@ class TimmViTAdapter(Adapter):
 
     # ---------------------------------------------------------------- nnsight sites
     def site_map(self, m: nn.Module) -> dict:
-        """TL site name -> `Site` on timm's own submodules, in forward order (nnsight backend).
+        """HookedViT's site names on timm's own submodules (`prisma_ext.sitemaps.timm`)."""
+        from ..sitemaps.timm import timm_vit_sites
 
-        The same semantics as HookedViT's sites: `hook_attn_out`/`hook_mlp_out` are what the
-        block adds to the residual stream (after layer scale), `hook_resid_mid` is the input of
-        `norm2` (the residual stream itself, so an assignment copies into it), the pattern is
-        `attn_drop`'s output with `fused_attn` switched off for the trace, `z` is `proj`'s input.
-        """
-        from ..traced.sites import IDENTITY, Chunk, FlattenGrid, Heads, SetAttr, Site, Unsqueeze
-
-        d_mlp = "[batch, pos, d_mlp]"
-        heads = "[batch, pos, head, d_head]"
-        sites = {"hook_patch_embed": Site("patch_embed", view=FlattenGrid() if m.dynamic_img_size
-                                          else IDENTITY, shape="[batch, n_patches, d_model]")}
-        if not isinstance(m.norm_pre, nn.Identity):
-            sites["hook_full_embed"] = Site("norm_pre", "input")
-            sites["hook_embed"] = Site("norm_pre")
-        for i, blk in enumerate(m.blocks):
-            b, n_heads = f"blocks.{i}", blk.attn.num_heads
-            sites[f"{b}.hook_resid_pre"] = Site(b, "input")
-            sites[f"{b}.ln1.hook_normalized"] = Site(f"{b}.norm1")
-            for j, qkv in enumerate("qkv"):
-                sites[f"{b}.attn.hook_{qkv}"] = Site(f"{b}.attn.qkv", view=Chunk(j, 3, n_heads),
-                                                     shape=heads)
-            sites[f"{b}.attn.hook_pattern"] = Site(
-                f"{b}.attn.attn_drop", shape="[batch, head, query, key]",
-                prepare=SetAttr(f"{b}.attn", "fused_attn", False))
-            sites[f"{b}.attn.hook_z"] = Site(f"{b}.attn.proj", "input", Heads(n_heads), heads)
-            sites[f"{b}.hook_attn_out"] = Site(f"{b}.drop_path1")
-            sites[f"{b}.hook_resid_mid"] = Site(f"{b}.norm2", "input", in_place=True)
-            sites[f"{b}.ln2.hook_normalized"] = Site(f"{b}.norm2")
-            sites[f"{b}.mlp.hook_pre"] = Site(f"{b}.mlp.fc1", shape=d_mlp)
-            sites[f"{b}.mlp.hook_post"] = Site(f"{b}.mlp.act", shape=d_mlp)
-            sites[f"{b}.hook_mlp_out"] = Site(f"{b}.drop_path2")
-            sites[f"{b}.hook_resid_post"] = Site(b)
-        if not isinstance(m.fc_norm, nn.Identity):
-            sites["ln_final.hook_normalized"] = Site("fc_norm", view=Unsqueeze(1),
-                                                     shape="[batch, 1, d_model]")
-        elif not isinstance(m.norm, nn.Identity):
-            sites["ln_final.hook_normalized"] = Site("norm")
-        if getattr(m, "dist_token", None) is None:  # a distilled head reads two tokens apart
-            sites["hook_pooled"] = Site("head", "input", shape="[batch, d_model]")
-        return sites
+        return timm_vit_sites(m)
 
     def class_names(self, m: nn.Module) -> list[str] | None:
         from timm.data import ImageNetInfo, infer_imagenet_subset

@@ -1,10 +1,16 @@
 """The analysis layer: methods that take either backend and return `AnalysisResult` objects.
 
-Methods (also top-level names in `prisma_ext`): `logit_lens` (lens.py),
-`direct_logit_attribution` (attribution.py), `attention_rollout` and `gradient_attention`
-(attention.py), `captum_attribution` (captum_attr.py), `faithfulness` (faithfulness.py),
-`compare_attributions` (compare.py). Targets (a class, `LogitDiff`, `ImageTextScore`, a
-function) are in targets.py, running a model for a target's score in scoring.py; the model's
-readout as a function of residual streams in readout.py; the backend interface in backend.py;
-result objects in result.py.
+Every method takes `(model, images, target=None, *, ..., batch_size=None, progress=...)`
+(patching: `(model, clean, corrupted, target=None, *, ...)`). The pieces:
+- `targets`: what is explained (a class, `ClassProb`, `LogitDiff`, `ImageTextScore`, a function);
+- `backend`: one interface to a model on either backend (run, score a target, restart mid-model);
+- `result`: `AnalysisResult` (a tensor with named axes on the patch grid) and `ResultSet`;
+- methods: `lens` (patch logit lens), `attribution` (direct logit attribution, CLS attribution),
+  `attention` (rollout, gradient-weighted attention), `heads` (head patterns and statistics),
+  `captum_attr` (Captum's methods), `faithfulness` (deletion / insertion / perturbation),
+  `compare` (several maps scored together), `patching/` (activation, attribution and
+  image-text patching);
+- `common` and `progress`: what the methods share (image checks, chunking, progress bars);
+- `metrics`: the previous release's patching metrics, as targets (deprecated).
+The model's readout itself (pooling, final norm, head) is `prisma_ext.hooked.readout.Readout`.
 """

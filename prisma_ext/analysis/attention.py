@@ -10,11 +10,9 @@ from torch import Tensor
 
 from ..errors import InputError
 from .backend import Backend
-from .common import check_batch, layout_for, patches_of
-from .readout import query_weights
+from .common import NO_TARGET, check_batch, in_chunks, layout_for, patches_of
 from .result import AnalysisResult
-from .scoring import evaluate
-from .targets import as_target
+from .targets import Target
 
 FUSIONS = ("mean", "max", "min")
 
@@ -43,8 +41,9 @@ def _patch_map(method: str, weights: Tensor, relevance: Tensor, images: Tensor, 
                           backend.class_names, {}, {**meta, "backend": backend.kind})
 
 
-def attention_rollout(model: Any, images: Tensor, head_fusion: str = "mean",
-                      discard_ratio: float = 0.0) -> AnalysisResult:
+def attention_rollout(model: Any, images: Tensor, target: Any = None, *, head_fusion: str = "mean",
+                      discard_ratio: float = 0.0, batch_size: int | None = None,
+                      progress: bool = False) -> AnalysisResult:
     """Attention rollout: how much each patch reaches the readout through all layers' attention.
 
     Per layer the heads' patterns are fused (`head_fusion`: "mean", "max" or "min"), the
@@ -53,14 +52,24 @@ def attention_rollout(model: Any, images: Tensor, head_fusion: str = "mean",
     multiplied. The map [batch, patch] is the readout's row: the CLS token's (a distilled
     model: CLS and distillation averaged; an average-pool model: the mean over the pooled
     patches; SigLIP: the attention-pool head's weights), with prefix tokens (registers,
-    distillation) dropped from the columns; they still carry flow between layers.
+    distillation) dropped from the columns; they still carry flow between layers. Rollout
+    follows attention, not a score: `target` is taken for the common signature and must be None.
     """
     check_batch(images, "attention_rollout")
     if head_fusion not in FUSIONS:
         raise InputError(f"head_fusion must be one of {FUSIONS}, got {head_fusion!r}")
     if not 0.0 <= discard_ratio < 1.0:
         raise InputError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    if target is not None:
+        raise InputError("attention_rollout follows the attention, whatever the score: it takes no target "
+                         "(gradient_attention weighs attention by a target's gradient)")
     backend = Backend.of(model)
+    meta = {"head_fusion": head_fusion, "discard_ratio": discard_ratio}
+    return in_chunks(backend, images, NO_TARGET, batch_size, progress, "attention_rollout",
+                     lambda x, _: _rollout(backend, x, head_fusion, discard_ratio, meta))
+
+
+def _rollout(backend: Backend, images: Tensor, head_fusion: str, discard_ratio: float, meta: dict) -> AnalysisResult:
     cfg = backend.cfg
     sites = _pattern_sites(cfg.n_layers)
     final = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
@@ -76,12 +85,12 @@ def attention_rollout(model: Any, images: Tensor, head_fusion: str = "mean",
             a = 0.5 * fused + 0.5 * eye
             a = a / a.sum(-1, keepdim=True)
             rollout = a if rollout is None else a @ rollout
-        weights = query_weights(backend.vit, run.acts[final])
-    return _patch_map("attention_rollout", weights, rollout, images, backend,
-                      {"head_fusion": head_fusion, "discard_ratio": discard_ratio})
+        weights = backend.readout.query_weights(run.acts[final])
+    return _patch_map("attention_rollout", weights, rollout, images, backend, meta)
 
 
-def gradient_attention(model: Any, images: Tensor, target: Any = None, start_layer: int = 0) -> AnalysisResult:
+def gradient_attention(model: Any, images: Tensor, target: Any = None, *, start_layer: int = 0,
+                       batch_size: int | None = None, progress: bool = False) -> AnalysisResult:
     """Gradient-weighted attention relevance (Chefer et al. 2021) on the patch grid.
 
     R starts as the identity; for each layer from `start_layer` on, with A the heads' patterns
@@ -89,16 +98,22 @@ def gradient_attention(model: Any, images: Tensor, target: Any = None, start_lay
     Abar = mean over heads of relu(dA * A), and R <- R + Abar R. The map [batch, patch] is the
     readout's row of R (see `attention_rollout` for which row that is), prefix tokens dropped.
     target: None (predicted class), a class, one per image, `LogitDiff(a, b)`,
-    `ImageTextScore(texts)` or a function of the output.
+    `ImageTextScore(texts)` or a function of the output. `batch_size`: images per pass.
     """
     check_batch(images, "gradient_attention")
     backend = Backend.of(model)
     cfg = backend.cfg
     if not 0 <= start_layer < cfg.n_layers:
         raise InputError(f"start_layer must be in [0, {cfg.n_layers}), got {start_layer}")
+    return in_chunks(backend, images, target, batch_size, progress, "gradient_attention",
+                     lambda x, bound: _gradient_attention(backend, x, bound, start_layer))
+
+
+def _gradient_attention(backend: Backend, images: Tensor, target: Target, start_layer: int) -> AnalysisResult:
+    cfg = backend.cfg
     sites = _pattern_sites(cfg.n_layers, start_layer)
     final = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
-    run, _, target = evaluate(backend, images, as_target(target), read=[*sites, final], grad=True)
+    run, _, target = backend.evaluate(images, target, read=[*sites, final], grad=True)
     with torch.no_grad():
         n_tokens = run.acts[sites[0]].shape[-1]
         first = run.acts[sites[0]]
@@ -106,6 +121,6 @@ def gradient_attention(model: Any, images: Tensor, target: Any = None, start_lay
         for site in sites:
             cam = (run.grads[site] * run.acts[site].detach()).clamp(min=0).mean(1)
             relevance = relevance + cam @ relevance
-        weights = query_weights(backend.vit, run.acts[final].detach())
+        weights = backend.readout.query_weights(run.acts[final].detach())
     return _patch_map("gradient_attention", weights, relevance, images, backend,
                       {"target": target.describe(), "start_layer": start_layer})

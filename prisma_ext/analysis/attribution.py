@@ -11,11 +11,9 @@ from torch import Tensor
 
 from ..errors import InputError
 from .backend import Backend
-from .common import check_batch, layout_for
-from .readout import final_scale, residual_directions
+from .common import check_batch, in_chunks, layout_for
 from .result import AnalysisResult
-from .scoring import evaluate
-from .targets import as_target
+from .targets import Target, as_target
 
 BY = ("layer", "head", "source")
 
@@ -51,8 +49,8 @@ def _read_positions(direction: Tensor) -> slice | Tensor:
     return torch.tensor(found, dtype=torch.long, device=direction.device)
 
 
-def direct_logit_attribution(model: Any, images: Tensor, target: Any = None,
-                             by: Sequence[str] = BY) -> AnalysisResult:
+def direct_logit_attribution(model: Any, images: Tensor, target: Any = None, *, by: Sequence[str] = BY,
+                             batch_size: int | None = None, progress: bool = False) -> AnalysisResult:
     """Split the target score of each image into what each component writes directly into it.
 
     images [batch, C, H, W]; target: None (predicted class), a class, one per image,
@@ -76,23 +74,28 @@ def direct_logit_attribution(model: Any, images: Tensor, target: Any = None,
     moved into the pooled token. For an average-pool model (no CLS) the readout reads every
     patch, so it is the attribution of each source over all queries into the pooled readout.
     Summed over sources it gives the head's value in `part("head")`. SigLIP's attention-pool
-    head is not linear and is refused.
+    head is not linear and is refused. `batch_size`: images per forward pass (default all).
     """
     check_batch(images, "direct_logit_attribution")
     by = _check_by(by)
     backend = Backend.of(model)
-    vit, cfg = backend.vit, backend.cfg
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
     target = as_target(target)
     if not target.linear:
         raise InputError("direct_logit_attribution needs a class, a LogitDiff or an ImageTextScore as target "
                          f"(a linear readout), got {target.describe()}")
+    return in_chunks(backend, images, target, batch_size, progress, "direct_logit_attribution",
+                     lambda x, bound: _dla(backend, x, bound, by))
+
+
+def _dla(backend: Backend, images: Tensor, target: Target, by: set[str]) -> AnalysisResult:
+    vit, cfg = backend.vit, backend.cfg
+    n_layers, n_heads = cfg.n_layers, cfg.n_heads
     with torch.no_grad():
-        run, score, target = evaluate(backend, images, target, read=_sites(n_layers, by))
+        run, score, target = backend.evaluate(images, target, read=_sites(n_layers, by))
         acts = run.acts
         final = acts[f"blocks.{n_layers - 1}.hook_resid_post"]
-        directions, const = target.readout(backend, acts)
-        direction = residual_directions(cfg, directions.to(final), final_scale(cfg, final))  # [b, pos, d]
+        directions, const = target.readout(backend, acts, final.shape[1])
+        direction = backend.readout.to_residual(directions.to(final), backend.readout.final_scale(final))
         queries = _read_positions(direction)
         dq = direction[:, queries]
 

@@ -1,26 +1,35 @@
 """One interface to a model on either backend, for the analysis methods.
 
-`Backend.of(model)` accepts a HookedViT or HookedCLIP (TransformerLens backend) or a TracedViT
-(nnsight backend) and offers:
+`Backend.of(model)` takes a HookedViT or HookedCLIP (TransformerLens backend) or a TracedViT
+(nnsight backend), dispatching on the model's type, and offers:
 - `run(images, read=..., edit=..., grad_of=...)`: one forward pass that reads sites (TL names,
   TL layouts), replaces some (`edit[name](value) -> new value`) and, given a scalar function of
   the output, the gradient of that scalar at each read site;
-- `vit`: a HookedViT with the model's weights, for weight-level quantities (`W_O`, `W_U`, the
-  final norm) and for restarting the forward pass from a layer (`run_from`);
+- `evaluate(images, target, ...)`: a run that also scores a target (`targets.Target`);
+- `restart(resid, layer, edits, rows)`: the rest of a forward pass from a layer's residual stream
+  (what patching reruns after a patch), on the backends that can (`can_restart`);
+- `vit`: a HookedViT with the model's weights, for weight-level quantities (`W_O`, the readout)
+  and `readout` (`prisma_ext.hooked.readout.Readout`);
 - the token layout, config and class names.
 On the nnsight backend activations come from the original module, traced; `vit` is an
-unprocessed conversion of it used only for weights, so both backends give the same numbers.
+unprocessed conversion of it used only for weights (built once per model and weights), so both
+backends give the same numbers.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..errors import PrismaError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .targets import Target
 
 Edit = Callable[[Tensor], Tensor]
 
@@ -35,8 +44,11 @@ class Run:
 
 
 class Backend:
+    """The interface; `of` picks the implementation for a model."""
+
     kind = "base"
     has_grid = True  # tokens sit on an image's patch grid (False: a text tower)
+    can_restart = False  # `restart` reruns from a layer's residual stream
 
     def __init__(self, model, vit):
         self.model = model
@@ -44,22 +56,13 @@ class Backend:
 
     @staticmethod
     def of(model) -> Backend:
+        """The backend of a model returned by `px.load` (or a Backend, unchanged)."""
         if isinstance(model, Backend):
             return model
-        from ..hooked.clip import HookedCLIP
-        from ..hooked.vit import HookedViT
-
-        if isinstance(model, HookedViT):
-            return TLBackend(model, model)
-        if isinstance(model, HookedCLIP):
-            return TLBackend(model, model.visual)
-        if type(model).__module__.startswith("prisma_ext.traced"):
-            if type(model).__name__ != "TracedViT":
-                raise PrismaError(
-                    f"the analysis methods take a traced ViT on the nnsight backend; for a CLIP model "
-                    f"({type(model).__name__}) load it with backend='tl', or trace its sites yourself with "
-                    "model.site('visual.blocks.0.hook_resid_post') inside model.trace(...)")
-            return NNsightBackend(model)
+        for module_name, class_name, make in _KINDS:
+            module = sys.modules.get(module_name)  # not imported: the model cannot be one of its classes
+            if module is not None and isinstance(model, getattr(module, class_name)):
+                return make(model)
         raise PrismaError(f"expected a prisma-ext model (px.load(...) with backend 'tl' or 'nnsight'), "
                           f"got {type(model).__name__}")
 
@@ -72,8 +75,17 @@ class Backend:
         return self.vit.layout
 
     @property
+    def readout(self):
+        return self.vit.readout
+
+    @property
     def class_names(self) -> list[str] | None:
         return self.vit.class_names
+
+    @property
+    def output_site(self) -> str | None:
+        """The site the backend's output is, where it is one (a CLIP tower's image embedding)."""
+        return None
 
     def run(self, images: Tensor, read: Sequence[str] = (), edit: Mapping[str, Edit] | None = None,
             grad_of: Callable[[Tensor], Tensor] | None = None) -> Run:
@@ -82,6 +94,57 @@ class Backend:
     def output(self, images: Tensor) -> Tensor:
         with torch.no_grad():
             return self.run(images).output
+
+    def restart(self, resid: Tensor, layer: int, edits: Mapping[str, Edit], rows: Tensor) -> Tensor:
+        """The output of the forward pass continued from `blocks.{layer}.hook_resid_pre` = resid
+        [n, pos, d_model] with `edits` applied on the way; `rows` [n]: the input example of each
+        row (a text tower pools each at its own position)."""
+        raise PrismaError(f"the {self.kind} backend cannot restart a forward pass mid-model")
+
+    # ------------------------------------------------------------------ scoring targets
+    def evaluate(self, images: Tensor, target: Target, read: Sequence[str] = (),
+                 edit: Mapping[str, Edit] | None = None, grad: bool = False) -> tuple[Run, Tensor, Target]:
+        """One forward pass: (run, scores [batch], the target bound to these images). With
+        `grad`, `run.grads` holds the gradient of the summed scores at each read site."""
+        stash: dict[str, Tensor] = {}
+        found: dict[str, Any] = {}
+
+        def metric(output: Tensor) -> Tensor:
+            bound = target.bind(self, output, images.shape[0])
+            found["target"], found["scores"] = bound, bound.score(output, stash)
+            return found["scores"].sum()
+
+        run = self.run(images, read=read, edit=_stash_edits(target, edit, stash),
+                       grad_of=metric if grad else None)
+        if not grad:
+            metric(run.output)
+        run.acts.update({k: v for k, v in stash.items() if k not in run.acts})
+        return run, found["scores"], found["target"]
+
+    def score_table(self, target: Target, edit: Mapping[str, Edit] | None = None) -> Callable[[Tensor], Tensor]:
+        """images -> a bound target's table [n, K] (Captum's forward: pass `target=columns`)."""
+
+        def forward(images: Tensor) -> Tensor:
+            stash: dict[str, Tensor] = {}
+            run = self.run(images, edit=_stash_edits(target, edit, stash))
+            return target.table(run.output, stash)
+
+        return forward
+
+
+def _stash_edits(target: Target, edit: Mapping[str, Edit] | None, stash: dict[str, Tensor]) -> dict[str, Edit]:
+    """`edit` plus, for each site the target reads, an edit that keeps its (edited) value."""
+    edits = dict(edit or {})
+    for site in target.sites:
+        inner = edits.get(site)
+
+        def keep(value: Tensor, site: str = site, inner: Edit | None = inner) -> Tensor:
+            value = inner(value) if inner is not None else value
+            stash[site] = value
+            return value
+
+        edits[site] = keep
+    return edits
 
 
 def _grads(metric: Tensor, acts: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -97,15 +160,18 @@ class TLBackend(Backend):
     zero-shot logits once `use_zero_shot_head` set a head; `return_type` picks another output)."""
 
     kind = "tl"
+    can_restart = True
 
     def __init__(self, model, vit, return_type: str = "logits"):
         super().__init__(model, vit)
         self.return_type = return_type
 
-    def continue_from(self, resid: Tensor, layer: int, examples: Tensor, readout_only: bool = False) -> Tensor:
-        """The output of the rest of the forward pass from `blocks.{layer}.hook_resid_pre`
-        (`readout_only`: see HookedViT.run_from)."""
-        return self.vit.run_from(resid, layer, self.return_type, readout_only)
+    @property
+    def output_site(self) -> str | None:
+        tower = self.vit
+        embeds = tower.cfg.d_proj and (self.return_type == "embeds" or (self.return_type == "logits"
+                                                                         and tower.head is None))
+        return "hook_image_embed" if embeds and tower is getattr(self.model, "visual", None) else None
 
     def run(self, images, read=(), edit=None, grad_of=None) -> Run:
         edit = dict(edit or {})
@@ -127,6 +193,53 @@ class TLBackend(Backend):
             grads = _grads(grad_of(output), acts) if grad_of is not None else {}
         return Run(output, acts, grads)
 
+    def restart(self, resid, layer, edits, rows) -> Tensor:
+        """Rerun the tower from `layer` with `edits` as hooks. The last block carries only the
+        readout's tokens (`HookedViT.run_from(readout_only=True)`) unless an edit, or a hook a user
+        left there, needs every token in it."""
+        tower = self.vit
+        last_block = f"blocks.{len(tower.blocks) - 1}."
+        user_hooks = any(m._forward_hooks or m._forward_pre_hooks for m in tower.blocks[-1].modules())
+        readout_only = not user_hooks and not any(name.startswith(last_block) for name in edits)
+        hooks = [(name, _as_hook(fn)) for name, fn in edits.items()]
+        with tower.hooks(fwd_hooks=hooks):
+            return self._continue(resid, layer, rows, readout_only)
+
+    def _continue(self, resid: Tensor, layer: int, rows: Tensor, readout_only: bool) -> Tensor:
+        return self.vit.run_from(resid, layer, self.return_type, readout_only)
+
+
+def _as_hook(fn: Edit) -> Callable:
+    return lambda value, hook: fn(value)
+
+
+class TextBackend(TLBackend):
+    """A HookedCLIP's text tower on token ids (the TL backend); output: text embeddings."""
+
+    has_grid = False
+
+    def __init__(self, clip, tokens: Tensor):
+        super().__init__(clip, clip.text, return_type="embeds")
+        self.tokens = tokens
+
+    @property
+    def output_site(self) -> str | None:
+        return None
+
+    @property
+    def layout(self):
+        from ..layout import TokenLayout
+
+        n = self.tokens.shape[1]
+        return TokenLayout(0, 0, 0, (1, n), (1, 1), (1, n))
+
+    @property
+    def class_names(self):
+        return None
+
+    def _continue(self, resid, layer, rows, readout_only) -> Tensor:
+        return self.vit.run_from(resid, layer, self.tokens[rows], "embeds")
+
 
 class NNsightBackend(Backend):
     """A TracedViT: the original module, traced by nnsight."""
@@ -134,11 +247,7 @@ class NNsightBackend(Backend):
     kind = "nnsight"
 
     def __init__(self, model):
-        from ..hooked.vit import HookedViT
-
-        adapter = model.adapter
-        vit = HookedViT.from_weights(model.cfg, adapter.weights(model._module), adapter.class_names(model._module))
-        super().__init__(model, vit)
+        super().__init__(model, weights_copy(model))
 
     def run(self, images, read=(), edit=None, grad_of=None) -> Run:
         from nnsight import save
@@ -161,25 +270,40 @@ class NNsightBackend(Backend):
         return Run(output, dict(acts), grads)
 
 
-class TextBackend(TLBackend):
-    """A HookedCLIP's text tower on token ids (the TL backend); output: text embeddings."""
+def weights_copy(model):
+    """A HookedViT with a traced model's weights (unprocessed), built once per model and kept while
+    its parameters are unchanged (same tensors, same versions); building it leaves the global RNG
+    as it was."""
+    from ..hooked.vit import HookedViT
 
-    has_grid = False
+    module = model._module
+    if any(p.is_meta for p in module.parameters()):
+        raise PrismaError(
+            f"{type(model).__name__} holds no weights here (it was built on the meta device for remote "
+            "tracing), and the analysis methods read weights (the unembedding, W_O) locally: load the "
+            "model with backend='nnsight' and no remote= for them")
+    stamp = tuple((p.data_ptr(), p._version) for p in module.parameters())
+    cached = model.__dict__.get("_px_weights_copy")
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    adapter = model.adapter
+    with torch.random.fork_rng(devices=[]):
+        vit = HookedViT.from_weights(model.cfg, adapter.weights(module), adapter.class_names(module))
+    model.__dict__["_px_weights_copy"] = (stamp, vit)
+    return vit
 
-    def __init__(self, clip, tokens: Tensor):
-        super().__init__(clip, clip.text, return_type="embeds")
-        self.tokens = tokens
 
-    @property
-    def layout(self):
-        from ..layout import TokenLayout
+def _refuse_traced_clip(model) -> Backend:
+    raise PrismaError(
+        f"the analysis methods take a traced ViT on the nnsight backend; for a CLIP model "
+        f"({type(model).__name__}) load it with backend='tl', or trace its sites yourself with "
+        "model.site('visual.blocks.0.hook_resid_post') inside model.trace(...)")
 
-        n = self.tokens.shape[1]
-        return TokenLayout(0, 0, 0, (1, n), (1, 1), (1, n))
 
-    @property
-    def class_names(self):
-        return None
-
-    def continue_from(self, resid: Tensor, layer: int, examples: Tensor, readout_only: bool = False) -> Tensor:
-        return self.vit.run_from(resid, layer, self.tokens[examples], "embeds")
+# (module, class, backend factory), tried in order; a module not yet imported is skipped
+_KINDS: list[tuple[str, str, Callable[[Any], Backend]]] = [
+    ("prisma_ext.hooked.vit", "HookedViT", lambda m: TLBackend(m, m)),
+    ("prisma_ext.hooked.clip", "HookedCLIP", lambda m: TLBackend(m, m.visual)),
+    ("prisma_ext.traced.clip", "TracedCLIP", _refuse_traced_clip),
+    ("prisma_ext.traced.model", "TracedViT", NNsightBackend),
+]

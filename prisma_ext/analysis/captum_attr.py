@@ -13,10 +13,9 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from .backend import Backend
-from .common import check_batch, layout_for
+from .common import check_batch, in_chunks, layout_for
 from .result import AnalysisResult
-from .scoring import table_function
-from .targets import Target, bind
+from .targets import Target
 
 # our name -> (Captum class, how pixel attributions become one value per patch)
 METHODS = {
@@ -91,7 +90,7 @@ def _run_captum(method: str, backend: Backend, images: Tensor, target: Target, l
     import captum.attr as ca
 
     columns = target.columns.tolist()
-    forward = table_function(backend, target)
+    forward = backend.score_table(target)
     batch_size = opts.pop("internal_batch_size", None)  # Captum wants >= the examples it sees
     n_examples = images.shape[0] * (opts.get("nt_samples", 8) if method == "noise_tunnel" else 1)
     batch_size = batch_size or max(64, n_examples)
@@ -130,7 +129,7 @@ def _run_captum(method: str, backend: Backend, images: Tensor, target: Target, l
             raise InputError(f"layer_gradcam: layer must be in [0, {backend.cfg.n_layers}), got {layer}")
         probe = _GridProbe()
         site = f"blocks.{layer}.hook_resid_pre"
-        forward = table_function(backend, target, edit={site: _grid_edit(probe, layout)})
+        forward = backend.score_table(target, edit={site: _grid_edit(probe, layout)})
         attr = ca.LayerGradCam(forward, probe).attribute(images, target=columns, **opts)
     return attr, delta
 
@@ -148,8 +147,9 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         np.random.set_state(state)
 
 
-def captum_attribution(model: Any, images: Tensor, target: Any = None, method: str = "integrated_gradients",
-                       seed: int = 0, **options: Any) -> AnalysisResult:
+def captum_attribution(model: Any, images: Tensor, target: Any = None, *, method: str = "integrated_gradients",
+                       seed: int = 0, batch_size: int | None = None, progress: bool = False,
+                       **options: Any) -> AnalysisResult:
     """One of Captum's attribution methods, as a map on the patch grid [batch, patch].
 
     method (ours or Captum's class name): "integrated_gradients" (zero baseline, n_steps=50),
@@ -166,12 +166,23 @@ def captum_attribution(model: Any, images: Tensor, target: Any = None, method: s
     passed to Captum as `target=` (a class, one per image, `LogitDiff`, `ImageTextScore`, or a
     function of the output). Random methods are seeded by `seed` (global RNG state kept).
     `meta["delta"]`: IntegratedGradients' convergence delta [batch]; `meta["seconds"]`.
+    `batch_size`: images per Captum call (default all); Captum's own `internal_batch_size` and
+    `perturbations_per_eval` are options.
     """
     check_batch(images, "captum_attribution")
     method = canonical_method(method)
+    for key in ("n_steps", "n_samples", "nt_samples"):
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"captum_attribution: {key} must be a positive int, got {value!r}")
     backend = Backend.of(model)
+    return in_chunks(backend, images, target, batch_size, progress, "captum_attribution",
+                     lambda x, bound: _attribute(backend, x, bound, method, seed, options))
+
+
+def _attribute(backend: Backend, images: Tensor, target: Target, method: str, seed: int, options: dict
+               ) -> AnalysisResult:
     layout = layout_for(backend, images)
-    target = bind(backend, images, target)
     start = time.perf_counter()
     inputs = images.detach().clone()
     if method not in ("feature_ablation", "occlusion"):

@@ -18,6 +18,7 @@ from .captum_attr import METHODS as CAPTUM_METHODS
 from .captum_attr import canonical_method, captum_attribution
 from .common import check_batch, layout_for
 from .faithfulness import BETTER, as_patch_map, score_maps
+from .progress import Progress
 from .result import AnalysisResult
 from .targets import Target, bind
 
@@ -87,14 +88,17 @@ class ComparisonResult(AnalysisResult):
         return frame
 
     def plot(self, facet: str | None = None, title: str | None = None, **index: int):
+        """Bar charts: one panel per column (each AUC, seconds; the default, `facet="column"`)
+        with a bar per method, or one panel per method (`facet="method"`)."""
         from ..viz.figures import comparison_figure
 
-        return comparison_figure(self, title=title)
+        return comparison_figure(self, facet=facet or "column", title=title)
 
 
-def compare_attributions(model: Any, images: Tensor, target: Any = None,
+def compare_attributions(model: Any, images: Tensor, target: Any = None, *,
                          methods: Sequence[Method] | None = None,
-                         metric: Sequence[str] = ("deletion", "insertion"), seed: int = 0,
+                         curves: Sequence[str] | str = ("deletion", "insertion"), seed: int = 0,
+                         batch_size: int = 128, progress: bool = False, metric: Any = None,
                          **faithfulness_options: Any) -> ComparisonResult:
     """Compute each method's map on the same images and target, time it, and score all maps as
     `faithfulness` does (mean AUC over the batch; all perturbed images of all methods batched
@@ -106,8 +110,14 @@ def compare_attributions(model: Any, images: Tensor, target: Any = None,
     pairs returning a map. Default: all that apply to the model and target. The target is
     bound once (the predicted class by default) so every method explains the same score.
     Returns a ComparisonResult: `to_dataframe()` gives one table (method, deletion, insertion,
-    seconds); `part(method)` the map.
+    seconds); `part(method)` the map. `curves` (`metric=` is its old name) and `batch_size` are
+    faithfulness's; `progress`: a bar over the methods.
     """
+    if metric is not None:
+        from .._deprecated import warn
+
+        warn("compare_attributions(metric=...)", "compare_attributions(curves=...)")
+        curves = metric
     check_batch(images, "compare_attributions")
     backend = Backend.of(model)
     target = bind(backend, images, target)
@@ -116,16 +126,19 @@ def compare_attributions(model: Any, images: Tensor, target: Any = None,
         raise InputError("compare_attributions: no methods given")
     layout = layout_for(backend, images)
     labels, seconds, maps = [], [], {}
-    for spec in specs:
-        label, fn = _runner(spec, seed)
-        start = time.perf_counter()
-        result = fn(model, images, target)
-        seconds.append(time.perf_counter() - start)
-        labels.append(label)
-        maps[label] = result if isinstance(result, AnalysisResult) else AnalysisResult(
-            label, torch.as_tensor(result).reshape(images.shape[0], -1), ("batch", "patch"), layout)
+    with Progress(len(specs), progress, "compare_attributions", unit="method") as bar:
+        for spec in specs:
+            label, fn = _runner(spec, seed)
+            start = time.perf_counter()
+            result = fn(model, images, target)
+            seconds.append(time.perf_counter() - start)
+            labels.append(label)
+            maps[label] = result if isinstance(result, AnalysisResult) else AnalysisResult(
+                label, torch.as_tensor(result).reshape(images.shape[0], -1), ("batch", "patch"), layout)
+            bar.update(1)
     flat = [as_patch_map(maps[label], layout, images.shape[0]).to(images.device) for label in labels]
-    names, auc, _, _, prob = score_maps(backend, images, flat, target, metric, **faithfulness_options)
+    names, auc, _, _, prob = score_maps(backend, images, flat, target, curves, batch_size=batch_size,
+                                        progress=progress, **faithfulness_options)
     values = torch.cat([auc.mean(1), torch.tensor(seconds)[:, None]], dim=1)  # [method, metric + 1]
     meta = {"target": target.describe(), "metric": names, "better": {m: BETTER[m] for m in names},
             "score": "prob" if prob else "raw", "backend": backend.kind}

@@ -19,8 +19,8 @@ from torch import Tensor
 from ..errors import InputError
 from .backend import Backend
 from .common import check_batch, layout_for
+from .progress import Progress
 from .result import AnalysisResult
-from .scoring import stash_edits
 from .targets import Target, bind
 
 METRICS = ("deletion", "insertion", "perturbation")
@@ -93,13 +93,13 @@ def _metric_names(metric: Sequence[str] | str) -> list[str]:
     metric = [metric] if isinstance(metric, str) else list(metric)
     for m in metric:
         if m not in METRICS:
-            raise InputError(f"faithfulness: unknown metric {m!r}; choose from {METRICS}")
+            raise InputError(f"faithfulness: unknown metric {m!r} in curves=; choose from {METRICS}")
     names = [*metric, "pos_perturbation", "neg_perturbation"] if "perturbation" in metric else metric
     return [m for m in BETTER if m in names]
 
 
 def _run_all(backend: Backend, images: Tensor, base: Tensor, target: Target, ranks: Tensor, inserts: Tensor,
-             counts: Tensor, layout, prob: bool, batch_size: int) -> tuple[Tensor, Tensor]:
+             counts: Tensor, layout, prob: bool, batch_size: int, progress: bool) -> tuple[Tensor, Tensor]:
     """Score every perturbed image: for run r, image b and step s, image b with the patches of
     rank < counts[s] under ranks[r, b] removed (or, if inserts[r], revealed on the baseline).
     Images are built chunk by chunk. Returns (score, top-1 hit) [runs, batch, step]; for a
@@ -112,35 +112,36 @@ def _run_all(backend: Backend, images: Tensor, base: Tensor, target: Target, ran
     counts = counts.to(images.device)
     columns = target.columns.to(images.device)
     scores, hits = [], []
-    for start in range(0, total, batch_size):
-        idx = torch.arange(start, min(start + batch_size, total), device=images.device)
-        r, b, s = idx // (batch * n_steps), (idx // n_steps) % batch, idx % n_steps
-        chosen = (ranks[r, b] < counts[s, None]).to(images.dtype).view(-1, 1, rows, cols)
-        mask = chosen.repeat_interleave(ph, -2).repeat_interleave(pw, -1)
-        x, y = images[b], base[b]
-        mixed = torch.where(inserts[r].view(-1, 1, 1, 1), y + (x - y) * mask, x + (y - x) * mask)
-        stash: dict[str, Tensor] = {}
-        with torch.no_grad():
-            run = backend.run(mixed, edit=stash_edits(target, None, stash))
-            table = target.table(run.output, stash)
-        col = columns[b, None]
-        raw = table.gather(1, col)[:, 0]
-        scores.append(table.softmax(-1).gather(1, col)[:, 0] if prob else raw)
-        hits.append((table.argmax(-1) == col[:, 0]).to(raw.dtype) if target.is_class() else raw)
+    with Progress(total, progress, "faithfulness", unit="image") as bar:
+        for start in range(0, total, batch_size):
+            idx = torch.arange(start, min(start + batch_size, total), device=images.device)
+            r, b, s = idx // (batch * n_steps), (idx // n_steps) % batch, idx % n_steps
+            chosen = (ranks[r, b] < counts[s, None]).to(images.dtype).view(-1, 1, rows, cols)
+            mask = chosen.repeat_interleave(ph, -2).repeat_interleave(pw, -1)
+            x, y = images[b], base[b]
+            mixed = torch.where(inserts[r].view(-1, 1, 1, 1), y + (x - y) * mask, x + (y - x) * mask)
+            with torch.no_grad():
+                run, raw, _ = backend.evaluate(mixed, target.select(b.cpu()))
+            col = columns[b, None]
+            logits = run.output  # for a class target: the head's logits
+            scores.append(logits.softmax(-1).gather(1, col)[:, 0] if prob else raw)
+            hits.append((logits.argmax(-1) == col[:, 0]).to(raw.dtype) if target.is_class() else raw)
+            bar.update(len(idx))
     shape = (n_runs, batch, n_steps)
     return torch.cat(scores).view(shape), torch.cat(hits).view(shape)
 
 
 def score_maps(backend: Backend, images: Tensor, maps: Sequence[Tensor], target: Target,
                metric: Sequence[str] | str = METRICS, n_steps: int | None = None, baseline: Any = "zeros",
-               score: str = "auto", batch_size: int = 128) -> tuple[list[str], Tensor, Tensor, Tensor, bool]:
+               score: str = "auto", batch_size: int = 128, progress: bool = False
+               ) -> tuple[list[str], Tensor, Tensor, Tensor, bool]:
     """Curves of several maps [batch, n_patches] at once, all their perturbed images batched:
     (metric names, AUC [map, batch, metric], curves [map, batch, metric, step], fractions
     [step], whether the score is a probability)."""
     if score not in ("auto", "prob", "raw"):
         raise InputError(f"score must be 'auto', 'prob' or 'raw', got {score!r}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
     if score == "prob" and not target.is_class():
         raise InputError(f"score='prob' needs a class target (a softmax over classes); {target.describe()} "
                          "takes score='raw'")
@@ -153,7 +154,7 @@ def score_maps(backend: Backend, images: Tensor, maps: Sequence[Tensor], target:
     stacked = torch.stack(list(maps))  # [map, batch, patch]
     ranks = torch.stack([_rank(stacked, desc) for desc, _ in runs], 1).flatten(0, 1)  # [map * run, b, p]
     inserts = torch.tensor([ins for _, ins in runs], device=images.device).repeat(len(maps))
-    s, hit = _run_all(backend, images, base, target, ranks, inserts, counts, layout, prob, batch_size)
+    s, hit = _run_all(backend, images, base, target, ranks, inserts, counts, layout, prob, batch_size, progress)
     s, hit = s.view(len(maps), len(runs), *s.shape[1:]), hit.view(len(maps), len(runs), *hit.shape[1:])
     curves = torch.stack([(hit if m.endswith("perturbation") else s)[:, runs.index(RUNS[m])] for m in names], 2)
     x = counts.double() / layout.n_patches
@@ -161,16 +162,17 @@ def score_maps(backend: Backend, images: Tensor, maps: Sequence[Tensor], target:
     return names, auc, curves.cpu(), x, prob
 
 
-def faithfulness(model: Any, images: Tensor, maps: Any, target: Any = None,
-                 metric: Sequence[str] = METRICS, n_steps: int | None = None, baseline: Any = "zeros",
-                 score: str = "auto", batch_size: int = 128) -> AnalysisResult:
+def faithfulness(model: Any, images: Tensor, target: Any = None, *old_target: Any, maps: Any = None,
+                 curves: Sequence[str] | str = METRICS, n_steps: int | None = None, baseline: Any = "zeros",
+                 score: str = "auto", batch_size: int = 128, progress: bool = False,
+                 metric: Any = None) -> AnalysisResult:
     """Deletion / insertion AUC and positive / negative perturbation AUC of an attribution map.
 
     images [batch, C, H, W]; maps: an AnalysisResult on the grid or a tensor [batch, rows,
     cols] (higher = more important). Patches are removed (replaced by `baseline`: "zeros",
     "mean", "blur" or a tensor) in map order (ties: lower patch index first), in `n_steps`
-    steps (default min(n_patches, 16)) from none to all; every perturbed image of every metric
-    goes through the model in batches of `batch_size`.
+    steps (default min(n_patches, 16)) from none to all; every perturbed image of every curve
+    goes through the model in batches of `batch_size`. `curves` (`metric=` is its old name):
     - "deletion": most important first, the target's score; lower AUC is better.
     - "insertion": the most important patches revealed on the baseline; higher is better.
     - "perturbation": "pos_perturbation" (most important removed first) and
@@ -184,20 +186,51 @@ def faithfulness(model: Any, images: Tensor, maps: Any, target: Any = None,
     Returns values [batch, metric] (area under each curve over the fraction of patches
     removed, `np.trapezoid`); `part("curves")` [batch, metric, step] with the fractions in
     `coords["step"]`; `meta["better"]` says which way is better.
+    (The previous order, `faithfulness(model, images, maps, target)`, works for one release.)
     """
+    target, maps = _old_order(target, old_target, maps)
+    if metric is not None:
+        from .._deprecated import warn
+
+        warn("faithfulness(metric=...)", "faithfulness(curves=...)")
+        curves = metric
     check_batch(images, "faithfulness")
-    _metric_names(metric)
+    _metric_names(curves)
+    if maps is None:
+        raise InputError("faithfulness: give the attribution maps to score, maps=... (an AnalysisResult on the "
+                         "grid, or a tensor [batch, rows, cols])")
     backend = Backend.of(model)
     layout = layout_for(backend, images)
     flat = as_patch_map(maps, layout, images.shape[0]).to(images.device)
     target = bind(backend, images, target)
-    names, auc, curves, x, prob = score_maps(backend, images, [flat], target, metric, n_steps, baseline, score,
-                                             batch_size)
+    names, auc, curve_values, x, prob = score_maps(backend, images, [flat], target, curves, n_steps, baseline,
+                                                   score, batch_size, progress)
     meta = {"better": {m: BETTER[m] for m in names}, "score": "prob" if prob else "raw",
             "target": target.describe(), "baseline": baseline if isinstance(baseline, str) else "tensor",
             "backend": backend.kind}
     coords = {"metric": names}
-    curves_result = AnalysisResult("faithfulness/curves", curves[0], ("batch", "metric", "step"), layout,
+    curves_result = AnalysisResult("faithfulness/curves", curve_values[0], ("batch", "metric", "step"), layout,
                                    backend.class_names, {**coords, "step": x.tolist()}, meta)
     return AnalysisResult("faithfulness", auc[0], ("batch", "metric"), layout, backend.class_names, coords, meta,
                           {"curves": curves_result})
+
+
+def _is_map(value: Any) -> bool:
+    """An attribution map where a target was expected (the previous argument order)."""
+    return isinstance(value, AnalysisResult) or (isinstance(value, Tensor) and value.is_floating_point()
+                                                 and value.ndim >= 2)
+
+
+def _old_order(target: Any, old_target: tuple, maps: Any) -> tuple[Any, Any]:
+    """(target, maps) from the current order, or from the previous one (maps third) with a warning."""
+    if maps is None and _is_map(target):
+        from .._deprecated import warn
+
+        if len(old_target) > 1:
+            raise InputError("faithfulness takes (model, images, target, maps=...)")
+        warn("faithfulness(model, images, maps, target)", "faithfulness(model, images, target, maps=maps)")
+        return (old_target[0] if old_target else None), target
+    if old_target:
+        raise InputError("faithfulness takes (model, images, target, maps=...): one positional argument after "
+                         "the images")
+    return target, maps

@@ -12,10 +12,9 @@ from torch import Tensor
 
 from ..errors import InputError, PrismaError
 from .backend import Backend
-from .common import check_batch, layer_labels, layout_for, resid_sites
-from .readout import pooled_logits, token_logits
+from .common import check_batch, in_chunks, layer_labels, layout_for, resid_sites
 from .result import AnalysisResult
-from .targets import _class_ids
+from .targets import ClassTarget, FunctionTarget, Target, as_target, class_ids
 
 
 @dataclass(repr=False)
@@ -79,10 +78,12 @@ class LogitLensResult(AnalysisResult):
 
     def plot(self, facet: str | None = None, title: str | None = None, **index: int):
         """The logit of one class (`cls=`, default the model's prediction for `batch`) on the
-        patch grid, one panel per layer, each patch annotated with its top class."""
+        patch grid, each patch annotated with its top class: one panel per layer (`facet="layer"`,
+        the default; `batch=` picks the image), or one per image (`facet="batch"`; `layer=`
+        picks the layer, default the last)."""
         from ..viz.figures import lens_figure
 
-        return lens_figure(self, title=title, **index)
+        return lens_figure(self, facet=facet or "layer", title=title, **index)
 
 
 def _subset(backend: Backend, classes: Any) -> Tensor | None:
@@ -95,10 +96,11 @@ def _subset(backend: Backend, classes: Any) -> Tensor | None:
         classes = classes.flatten().tolist()
     if not isinstance(classes, Sequence) or not classes:
         raise InputError(f"classes: expected class indices or names, got {classes!r}")
-    return _class_ids(backend, list(classes), len(classes), "classes")
+    return class_ids(backend, list(classes), len(classes), "classes")
 
 
-def logit_lens(model: Any, images: Tensor, classes: Sequence[Any] | Tensor | None = None) -> LogitLensResult:
+def logit_lens(model: Any, images: Tensor, target: Any = None, *, classes: Sequence[Any] | Tensor | None = None,
+               batch_size: int | None = None, progress: bool = False) -> LogitLensResult:
     """Read every token at every layer through the final norm and the head.
 
     images [batch, C, H, W] -> values [batch, layer, token, class]: layer 0 is the embedding
@@ -108,23 +110,40 @@ def logit_lens(model: Any, images: Tensor, classes: Sequence[Any] | Tensor | Non
     distilled model's two heads are averaged. `part("pooled")` [batch, layer, class] applies
     the model's own pooling first: at the last layer it equals the model's logits (for a CLS
     model so does the CLS token's readout; for an average-pool model the pooled readout is the
-    mean over patches, taken before the norm and head, as the model does). `classes`: a subset
-    of classes (indices or names) to keep; default all. CLIP: install a zero-shot head first
-    (`clip.use_zero_shot_head(class_names)`).
+    mean over patches, taken before the norm and head, as the model does).
+    `target` (a class, one per image, `LogitDiff`, `ClassProb`; default None, the predicted class):
+    `part("target")` [batch, layer, token] and `part("target_pooled")` [batch, layer] are its score
+    read from every token and from the pooled readout, and the figure and summary show it.
+    `classes`: a subset of classes (indices or names) to keep; default all. CLIP: install a
+    zero-shot head first (`clip.use_zero_shot_head(class_names)`). `batch_size`: images per
+    forward pass (default all); `progress`: a bar over the chunks.
     """
     check_batch(images, "logit_lens")
     backend = Backend.of(model)
-    vit, cfg = backend.vit, backend.cfg
+    vit = backend.vit
     if vit.head is None:
         raise PrismaError("logit_lens reads through the classifier head and this model has none: for CLIP "
                           "call clip.use_zero_shot_head(class_names) first")
+    target = as_target(target)
+    if target.sites or isinstance(target, FunctionTarget):
+        raise InputError(f"logit_lens reads each token through the head: its target must be a function of "
+                         f"the class logits (a class, a LogitDiff, a ClassProb), got {target.describe()}")
     ids = _subset(backend, classes)
+    return in_chunks(backend, images, target, batch_size, progress, "logit_lens",
+                     lambda x, bound: _lens(backend, x, bound, ids))
+
+
+def _lens(backend: Backend, images: Tensor, target: Target, ids: Tensor | None) -> LogitLensResult:
+    cfg, readout = backend.cfg, backend.readout
     sites = resid_sites(cfg.n_layers)
     with torch.no_grad():
         run = backend.run(images, read=sites)
         resid = torch.stack([run.acts[s] for s in sites], dim=1)  # [batch, layer, pos, d]
-        per_token = token_logits(vit, resid)
-        pooled = torch.stack([pooled_logits(vit, resid[:, i]) for i in range(resid.shape[1])], dim=1)
+        per_token = readout.token_logits(resid)
+        pooled = torch.stack([readout.pooled_logits(resid[:, i]) for i in range(resid.shape[1])], dim=1)
+        rows = torch.arange(images.shape[0])
+        on_tokens = _target_scores(target, per_token, rows)
+        on_pooled = _target_scores(target, pooled, rows)
     names = backend.class_names
     coords: dict[str, list] = {"layer": layer_labels(cfg.n_layers)}
     if ids is not None:
@@ -132,7 +151,24 @@ def logit_lens(model: Any, images: Tensor, classes: Sequence[Any] | Tensor | Non
         per_token, pooled = per_token[..., ids], pooled[..., ids]
         coords["class"] = [names[i] if names else i for i in ids.tolist()]
     layout = layout_for(backend, images)
-    pooled_result = AnalysisResult("logit_lens/pooled", pooled, ("batch", "layer", "class"), layout,
-                                   names, dict(coords))
+    layer_coords = {"layer": coords["layer"]}
+    meta = {"backend": backend.kind, "target": target.describe()}
+    if isinstance(target, ClassTarget):
+        meta["target_class"] = target.ids  # [batch]
+    parts = {
+        "pooled": AnalysisResult("logit_lens/pooled", pooled, ("batch", "layer", "class"), layout, names, dict(coords)),
+        "target": AnalysisResult("logit_lens/target", on_tokens, ("batch", "layer", "token"), layout, names,
+                                 layer_coords, meta),
+        "target_pooled": AnalysisResult("logit_lens/target_pooled", on_pooled, ("batch", "layer"), layout, names,
+                                        layer_coords, meta),
+    }
     return LogitLensResult("logit_lens", per_token, ("batch", "layer", "token", "class"), layout, names,
-                           coords, {"backend": backend.kind}, {"pooled": pooled_result})
+                           coords, meta, parts)
+
+
+def _target_scores(target: Target, logits: Tensor, rows: Tensor) -> Tensor:
+    """The target's score of logits [batch, ..., class] -> [batch, ...] (image i's rows scored as image i)."""
+    batch, inner = logits.shape[0], logits.shape[1:-1]
+    flat = logits.reshape(-1, logits.shape[-1])
+    per_row = rows.repeat_interleave(flat.shape[0] // batch)
+    return target.score(flat, {}, rows=per_row).reshape(batch, *inner)

@@ -1,11 +1,10 @@
 """Data that ships with prisma-ext: sample images and seeded procedural data sets.
 
 `make_scenes` (captioned shapes or digits with masks and positions, `prisma_ext.data.scenes`) is
-what the built-in models were trained on; `make_shapes` is the simpler uncaptioned generator.
+what the built-in models were trained on.
 """
 
 from prisma_ext.data.samples import SAMPLE_IMAGES, load_image, sample_image
 from prisma_ext.data.scenes import Scenes, make_scenes
-from prisma_ext.data.shapes import make_shapes
 
-__all__ = ["SAMPLE_IMAGES", "Scenes", "load_image", "make_scenes", "make_shapes", "sample_image"]
+__all__ = ["SAMPLE_IMAGES", "Scenes", "load_image", "make_scenes", "sample_image"]

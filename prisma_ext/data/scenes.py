@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .shapes import SHAPES as BASIC_SHAPES
-from .shapes import _shape_mask
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     from torch import Tensor
 
+BASIC_SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "cross")
 SHAPES: tuple[str, ...] = BASIC_SHAPES + ("diamond", "ring")
 DIGITS: tuple[str, ...] = tuple("0123456789")
 FILLS: tuple[str, ...] = ("solid", "striped", "checkered")
@@ -65,6 +64,22 @@ class Scenes:
         return len(self.captions)
 
 
+def shape_mask(kind: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
+    """Pixels of a shape of half-size `r`, given offsets from its centre."""
+    import numpy as np
+
+    if kind == "square":
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    if kind == "circle":
+        return dx ** 2 + dy ** 2 <= r ** 2
+    if kind == "triangle":  # apex up, base at the bottom, as wide as it is tall
+        return (np.abs(dy) <= r) & (np.abs(dx) <= (dy + r) / 2)
+    if kind == "cross":
+        arm = max(r / 3, 1.0)
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+    raise InputError(f"unknown shape {kind!r}; expected one of {BASIC_SHAPES}")
+
+
 def caption(name: str, colour: str, fill: str = "solid") -> str:
     """'a red circle', 'a blue striped square', 'a green 7' (no colour starts with a vowel)."""
     return f"a {colour} {'' if fill == 'solid' else fill + ' '}{name}"
@@ -75,7 +90,7 @@ def object_mask(name: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarr
     import numpy as np
 
     if name in BASIC_SHAPES:
-        return _shape_mask(name, dy, dx, r)
+        return shape_mask(name, dy, dx, r)
     if name == "diamond":
         return np.abs(dx) + np.abs(dy) <= r
     if name == "ring":

@@ -1,7 +1,35 @@
-"""The TransformerLens backend: hooked layers and HookedViT."""
+"""The TransformerLens backend: hooked layers, HookedViT, HookedTextTransformer and HookedCLIP.
 
-from .config import ViTConfig
-from .vit import HookedViT
-from .weights import AttnPoolWeights, BlockWeights, ViTWeights
+`config` (architectures), `weights` (the canonical weights adapters hand over), `processing`
+(TL's weight processing), `layers` / `embed` / `attention_pool` (hooked building blocks),
+`readout` (how a ViT's residual stream becomes its output), `vit`, `text`, `clip` (the models).
+Names load on first use: importing `prisma_ext.hooked.config` does not import TransformerLens.
+"""
 
-__all__ = ["HookedViT", "ViTConfig", "ViTWeights", "BlockWeights", "AttnPoolWeights"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_LAZY = {"HookedViT": "vit", "HookedCLIP": "clip", "HookedTextTransformer": "text", "ViTConfig": "config",
+         "TextConfig": "config", "ViTWeights": "weights", "BlockWeights": "weights", "TextWeights": "weights",
+         "AttnPoolWeights": "weights", "Readout": "readout"}
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .clip import HookedCLIP
+    from .config import TextConfig, ViTConfig
+    from .readout import Readout
+    from .text import HookedTextTransformer
+    from .vit import HookedViT
+    from .weights import AttnPoolWeights, BlockWeights, TextWeights, ViTWeights
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'prisma_ext.hooked' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"prisma_ext.hooked.{_LAZY[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

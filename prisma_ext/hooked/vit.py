@@ -10,13 +10,14 @@ from transformer_lens.hook_points import HookPoint
 
 from ..errors import PrismaError, UnknownNameError, suggest
 from ..layout import TokenLayout
+from .attention_pool import AttentionPool
 from .config import ViTConfig
 from .embed import Embedding
 from .inputs import check_images
 from .layers import Block, LayerNorm
 from .load_weights import load_into
 from .processing import process_weights
-from .readout import AttentionPool
+from .readout import Readout
 from .root import CheckedHookedRoot, TowerWeightViews
 from .weights import ViTWeights, detached_copy
 
@@ -102,13 +103,13 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         quarter of a block's work); its sites from `attn_scores` on then hold only those rows,
         and `return_type="resid"` returns only them. Outputs are unchanged.
         """
-        n_query = self.readout_tokens() if readout_only else None
+        n_query = self.readout.query_tokens if readout_only else None
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks[layer:], start=layer):
             resid = block(resid, n_query if i == last else None)
         if return_type == "resid":
             return resid
-        pooled = self.hook_pooled(self._pool(resid))
+        pooled = self.hook_pooled(self.readout.pool(resid))
         if return_type == "pooled":
             return pooled
         if self.cfg.d_proj:
@@ -121,10 +122,14 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
             return (self.head(pooled[:, 0]) + self.head_dist(pooled[:, 1])) / 2
         return self.head(pooled)
 
+    @property
+    def readout(self) -> Readout:
+        """How the final residual stream becomes the output (pooling, final norm, head)."""
+        return Readout(self)
+
     def readout_tokens(self) -> int | None:
-        """How many leading tokens the readout reads (CLS and distillation tokens), or None when
-        it reads every token (average pooling, attention pooling)."""
-        return 1 + self.cfg.n_dist if self.cfg.global_pool == "token" else None
+        """How many leading tokens the readout reads (`readout.query_tokens`)."""
+        return self.readout.query_tokens
 
     def _embed(self, images: Tensor) -> Tensor:
         patches, prefix, pos = self.embed(images)
@@ -135,21 +140,6 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         if self.cfg.ln_pre:
             return self.hook_embed(self.ln_pre(self.hook_full_embed(tokens + batch_pos)))
         return self.hook_embed(tokens) + self.hook_pos_embed(batch_pos)
-
-    def _pool(self, resid: Tensor) -> Tensor:
-        cfg = self.cfg
-        if cfg.final_norm == "tokens":
-            resid = self.ln_final(resid)
-        start = 0 if cfg.pool_include_prefix else cfg.n_prefix
-        if cfg.global_pool == "token":
-            pooled = resid[:, : 1 + cfg.n_dist] if cfg.n_dist else resid[:, 0]
-        elif cfg.global_pool == "avg":
-            pooled = resid[:, start:].mean(dim=1)
-        else:
-            pooled = self.attn_pool(resid[:, start:])[:, 0]
-        if cfg.final_norm == "pooled":
-            pooled = self.ln_final(pooled.unsqueeze(1)).squeeze(1)
-        return pooled
 
     # ------------------------------------------------------------------ sites
     def site_shapes(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
@@ -170,31 +160,16 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
     def W_pos(self) -> Tensor:
         return self.embed.pos_embed
 
-    def _readout(self) -> list[nn.Linear]:
-        return [m for m in (getattr(self, "proj", None), self.head) if m is not None]
-
     @property
     def W_U(self) -> Tensor:
         """The readout after the final norm as one unembedding [d_model, n_classes]: the head,
         composed with the image projection when there is one (final norm's weight folded in with
         `fold_ln`). For a distilled model: the class-token head (`W_U_dist` is the other)."""
-        layers = self._readout()
-        if not layers:
-            raise PrismaError("this model has no head or projection after pooling: no unembedding")
-        W = layers[0].weight.T
-        for layer in layers[1:]:
-            W = W @ layer.weight.T
-        return W
+        return self.readout.unembed()[0]
 
     @property
     def b_U(self) -> Tensor:
-        layers = self._readout()
-        if not layers:
-            raise PrismaError("this model has no head or projection after pooling: no unembedding")
-        b = layers[0].bias
-        for layer in layers[1:]:
-            b = b @ layer.weight.T + layer.bias
-        return b
+        return self.readout.unembed()[1]
 
     def set_unembed(self, weight: Tensor, class_names: Sequence[str] | None = None,
                     bias: Tensor | None = None) -> None:
@@ -235,15 +210,7 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         raise UnknownNameError(suggest(class_name, names, "class"))
 
     def _final_affine(self) -> tuple[Tensor | None, Tensor | None]:
-        ln = getattr(self, "ln_final", None)
-        return (ln.w, ln.b) if ln is not None and ln.w is not None else (None, None)
-
-    def _require_linear_readout(self, what: str) -> None:
-        if self.cfg.global_pool == "map":
-            raise PrismaError(
-                f"{what}: this model pools tokens with an attention head (global_pool='map'), which "
-                "is not linear in the residual stream; read `hook_pooled` or the attn_pool sites "
-                "instead of residual directions")
+        return self.readout.affine()
 
     def _class_ids(self, tokens) -> Tensor:
         if isinstance(tokens, (str, int)):
@@ -259,10 +226,8 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         give the class logit (less its bias), i.e. `W_U[:, c]` with the final norm's weight
         multiplied in when it is not folded. TL's `logit_attrs` uses these.
         """
-        self._require_linear_readout("tokens_to_residual_directions")
-        w, _ = self._final_affine()
-        W = self.W_U if w is None else w[:, None] * self.W_U
-        return W[:, self._class_ids(tokens)].movedim(0, -1)
+        self.readout.require_linear("tokens_to_residual_directions")
+        return self.readout.pooled_directions(self._class_ids(tokens))
 
     def token_readout(self, tokens, n_tokens: int | None = None) -> tuple[Tensor, Tensor]:
         """The logit of each class as a sum over tokens, for every linear readout.
@@ -271,37 +236,11 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         `logit = sum_pos (normalised_resid[pos] . directions[pos]) + bias`, where
         normalised_resid is the final residual stream centred and divided by the final norm's
         cached scale (`cache.apply_ln_to_stack`), with that scale frozen. Covers the CLS token,
-        distilled (CLS and distillation heads averaged) and average-pooled heads.
+        distilled (CLS and distillation heads averaged) and average-pooled heads
+        (`readout.class_directions`).
         """
-        self._require_linear_readout("token_readout")
-        cfg = self.cfg
-        n_tokens = n_tokens or cfg.layout.n_tokens
-        ids = self._class_ids(tokens)
-        w, b = self._final_affine()
-        ref = self.W_U
-        ids = ids.to(ref.device)
-        scale = torch.ones(cfg.d_model, device=ref.device, dtype=ref.dtype) if w is None else w
-
-        def column(W: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-            const = bias[ids] + (b @ W[:, ids] if b is not None else 0)
-            return (scale[:, None] * W)[:, ids].movedim(0, -1), const
-
-        weights = torch.zeros(n_tokens, device=ref.device, dtype=ref.dtype)
-        if cfg.global_pool == "token" and cfg.n_dist:
-            weights[0] = weights[1] = 0.5
-            d_cls, c_cls = column(self.W_U, self.b_U)
-            d_dist, c_dist = column(self.W_U_dist, self.b_U_dist)
-            per_pos = d_cls.new_zeros(*d_cls.shape[:-1], n_tokens, cfg.d_model)
-            per_pos[..., 0, :] = d_cls / 2
-            per_pos[..., 1, :] = d_dist / 2
-            return per_pos, (c_cls + c_dist) / 2
-        if cfg.global_pool == "token":
-            weights[0] = 1.0
-        else:
-            start = 0 if cfg.pool_include_prefix else cfg.n_prefix
-            weights[start:] = 1.0 / (n_tokens - start)
-        direction, const = column(self.W_U, self.b_U)
-        return weights[:, None] * direction.unsqueeze(-2), const
+        self.readout.require_linear("token_readout")
+        return self.readout.class_directions(self._class_ids(tokens), n_tokens)
 
     # ------------------------------------------------------------------ presentation
     def summary(self) -> str:

@@ -1,8 +1,9 @@
 """The nnsight backend: original source modules traced by nnsight, read by TL site names.
 
-`px.load(source, backend="nnsight")` returns a `TracedViT` (timm) or a `TracedCLIP` (open_clip,
-Hugging Face CLIP); with `remote=` a `RemoteTracedCLIP` or `RemoteTracedViT`. `sites` and `clip_sites` (site specs
-that adapters build) import nothing heavy; `model` imports nnsight, on first use.
+`px.load(source, backend="nnsight")` returns a `TracedViT` (timm, Hugging Face ViT) or a
+`TracedCLIP` (open_clip, Hugging Face CLIP) built by `wrap.wrap`; with `remote=` a
+`RemoteTracedCLIP` or `RemoteTracedViT`. Where each site lives is the adapters' site maps
+(`prisma_ext.sitemaps`). `model` imports nnsight, on first use.
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ from typing import TYPE_CHECKING
 
 _LAZY = {"TracedModel": "prisma_ext.traced.model", "TracedViT": "prisma_ext.traced.model",
          "TracedCLIP": "prisma_ext.traced.clip", "RemoteTracedCLIP": "prisma_ext.traced.remote",
-         "RemoteTracedViT": "prisma_ext.traced.remote"}
-__all__ = ["RemoteTracedCLIP", "RemoteTracedViT", "TracedCLIP", "TracedModel", "TracedViT"]
+         "RemoteTracedViT": "prisma_ext.traced.remote", "wrap": "prisma_ext.traced.wrap"}
+__all__ = ["RemoteTracedCLIP", "RemoteTracedViT", "TracedCLIP", "TracedModel", "TracedViT", "wrap"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .clip import TracedCLIP
     from .model import TracedModel, TracedViT
     from .remote import RemoteTracedCLIP, RemoteTracedViT
+    from .wrap import wrap
 
 
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'prisma_ext.traced' has no attribute {name!r}")
     return getattr(importlib.import_module(_LAZY[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

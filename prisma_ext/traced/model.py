@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from ..errors import InputError, PrismaError, UnknownNameError, suggest
 from ..layout import TokenLayout
+from ..sitemaps.spec import NOT_MAPPED, Site, Undo
 from .batching import concat_invokes, image_rows
-from .sites import NOT_MAPPED, Site, Undo
 
 NameFilter = str | Iterable[str] | Callable[[str], bool] | None
 
@@ -105,6 +105,7 @@ class TracedModel(NNsight):
         state = super().__getstate__()
         state["_px_props"], state["_px_undo"] = {}, []  # a per-process cache; empty between traces
         state.update(dict.fromkeys(self._PX_DERIVED))
+        state.pop("_px_weights_copy", None)  # the analysis layer's local copy of the weights
         return state
 
     def _px_live(self) -> None:

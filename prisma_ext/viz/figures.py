@@ -61,25 +61,37 @@ def result_figure(result, facet: str | None = None, title: str | None = None, **
                      color_continuous_midpoint=0.0, title=title, aspect="auto")
 
 
-def lens_figure(result, title: str | None = None, batch: int = 0, cls: int | None = None, **_: int):
-    """Logit lens: one class's logit on the patch grid, one panel per layer, each patch labelled
-    with its top class at that layer. `cls` indexes the result's class axis (default: the
-    model's prediction for image `batch`)."""
+def lens_figure(result, facet: str = "layer", title: str | None = None, batch: int = 0, cls: int | None = None,
+                layer: int = -1, **_: int):
+    """Logit lens: one class's logit on the patch grid, each patch labelled with its top class.
+    facet="layer": one panel per layer of image `batch`; facet="batch": one panel per image at
+    `layer`. `cls` indexes the result's class axis (default: the model's prediction for image
+    `batch`)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    if facet not in ("layer", "batch"):
+        raise ValueError(f"lens figure: facet must be 'layer' or 'batch', got {facet!r}")
     pooled = result.part("pooled").values[batch]  # [layer, class]
     cls = int(pooled[-1].argmax()) if cls is None else cls
-    grids = result.select(batch=batch).grid()  # [layer, class, rows, cols]
-    layers = result.labels("layer")[:MAX_PANELS]
     names = [str(x) for x in result.labels("class")]
-    n_cols = min(6, len(layers))
-    n_rows = -(-len(layers) // n_cols)
-    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=[f"layer {x}" for x in layers])
+    if facet == "layer":
+        grids = result.select(batch=batch).grid()  # [layer, class, rows, cols]
+        panels = [f"layer {x}" for x in result.labels("layer")][:MAX_PANELS]
+        default_title = f"logit lens: {names[cls]} (image {batch})"
+    else:
+        n_layers = result.values.shape[1]
+        grids = result.select(layer=layer % n_layers).grid()  # [batch, class, rows, cols]
+        panels = [f"image {i}" for i in range(grids.shape[0])][:MAX_PANELS]
+        default_title = f"logit lens: {names[cls]} at layer {result.labels('layer')[layer % n_layers]}"
+    grids = grids[:len(panels)]
+    n_cols = min(6, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=panels)
     values = grids[:, cls].detach().float().cpu().numpy()
-    top = grids.argmax(1).cpu().numpy()  # [layer, rows, cols]
+    top = grids.argmax(1).cpu().numpy()  # [panel, rows, cols]
     lo, hi = float(values.min()), float(values.max())
-    for i, _layer in enumerate(layers):
+    for i in range(len(panels)):
         text = [[names[j] for j in row] for row in top[i]]
         fig.add_trace(go.Heatmap(z=values[i], text=text, texttemplate="%{text}", zmin=lo, zmax=hi,
                                  colorscale="RdBu_r", showscale=i == 0,
@@ -87,22 +99,29 @@ def lens_figure(result, title: str | None = None, batch: int = 0, cls: int | Non
                       row=i // n_cols + 1, col=i % n_cols + 1)
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False, autorange="reversed")
-    fig.update_layout(title=title or f"logit lens: {names[cls]} (image {batch})")
+    fig.update_layout(title=title or default_title)
     return fig
 
 
-def comparison_figure(result, title: str | None = None):
-    """Attribution methods side by side: one bar chart per column (each AUC, seconds)."""
+def comparison_figure(result, facet: str = "column", title: str | None = None):
+    """Attribution methods side by side: one bar chart per column (each AUC, seconds), a bar per
+    method; or, with facet="method", one chart per method, a bar per column."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    if facet not in ("column", "method"):
+        raise ValueError(f"comparison figure: facet must be 'column' or 'method', got {facet!r}")
     columns = result.labels("column")
     methods = [str(m) for m in result.labels("method")]
     better = result.meta.get("better", {})
-    titles = [f"{c} ({better[c]} is better)" if c in better else c for c in columns]
-    fig = make_subplots(rows=1, cols=len(columns), subplot_titles=titles)
+    column_titles = [f"{c} ({better[c]} is better)" if c in better else c for c in columns]
     values = result.values.detach().float().cpu().numpy()
-    for j in range(len(columns)):
-        fig.add_trace(go.Bar(x=methods, y=values[:, j], showlegend=False), row=1, col=j + 1)
+    if facet == "method":
+        values, panels, bars = values.T, methods, columns
+    else:
+        panels, bars = column_titles, methods
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels)
+    for j in range(len(panels)):
+        fig.add_trace(go.Bar(x=[str(b) for b in bars], y=values[:, j], showlegend=False), row=1, col=j + 1)
     fig.update_layout(title=title or "attribution methods compared")
     return fig

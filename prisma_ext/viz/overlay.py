@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Mapping
 
 import numpy as np
 
 MIN_SIDE = 224  # small images are enlarged (nearest neighbour) to at least this many pixels
+
+
+def png_base64(image: np.ndarray) -> str:
+    """An HxWx3 uint8 array as a base64-encoded PNG."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
 
 
 def upscale(image: np.ndarray, side: int = MIN_SIDE) -> tuple[np.ndarray, int]:
@@ -51,8 +63,6 @@ def overlay_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], patch: tup
     shape, not by units; hover shows the raw value."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-
-    from .html import png_base64
 
     big, k = upscale(image)
     source = f"data:image/png;base64,{png_base64(big)}"

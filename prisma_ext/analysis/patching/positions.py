@@ -1,0 +1,102 @@
+"""Which token positions a sweep patches: single tokens, prefix tokens, patch-grid masks, groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ...errors import PrismaError
+from ...layout import TokenLayout
+
+
+@dataclass(frozen=True)
+class PositionGroups:
+    """Groups of token indices patched together, one label each; `dim` names the result axis
+    ("token" when every token is its own group, "patch" for every patch, else "position")."""
+
+    groups: list[list[int]]
+    labels: list[str]
+    dim: str
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def mask(self, n_tokens: int) -> torch.Tensor:
+        """[n_groups, n_tokens] boolean: which tokens each group patches."""
+        out = torch.zeros(len(self.groups), n_tokens, dtype=torch.bool)
+        for i, group in enumerate(self.groups):
+            out[i, group] = True
+        return out
+
+
+GRID_SPECS = ("prefix", "patches", "rows", "cols")
+
+
+def resolve_positions(spec, layout: TokenLayout, n_tokens: int | None = None, grid: bool = True) -> PositionGroups:
+    """`spec`: "all" (each token), "prefix" (each prefix token), "patches" (each patch), "rows" /
+    "cols" (each row / column of patches), a boolean patch-grid mask [rows, cols] (one group), a
+    list of token indices (each on its own), a list of lists (groups) or a dict label -> indices.
+    grid=False (a text tower): tokens are labelled t0, t1, ... and the image-only specs are refused."""
+    n_tokens = n_tokens or layout.n_tokens
+    if not grid and (_is_mask(spec) or (isinstance(spec, str) and spec in GRID_SPECS)):
+        raise PrismaError(f"positions={spec if isinstance(spec, str) else 'a patch-grid mask'!r}: text has no "
+                          "patch grid; use 'all', token indices, groups of indices or a dict label -> indices")
+    image_labels = grid and n_tokens == layout.n_tokens
+    labels = layout.token_labels() if image_labels else [f"t{i}" for i in range(n_tokens)]
+    first, rows, cols = layout.n_prefix, *layout.grid
+
+    def patch(r: int, c: int) -> int:
+        return first + r * cols + c
+
+    if isinstance(spec, str):
+        if spec == "all":
+            return PositionGroups([[i] for i in range(n_tokens)], labels, "token")
+        if spec == "prefix":
+            if not layout.n_prefix:
+                raise PrismaError("positions='prefix': this model has no prefix tokens")
+            return PositionGroups([[i] for i in range(first)], labels[:first], "position")
+        if spec == "patches":
+            return PositionGroups([[i] for i in range(first, n_tokens)], labels[first:], "patch")
+        if spec == "rows":
+            return PositionGroups([[patch(r, c) for c in range(cols)] for r in range(rows)],
+                                  [f"row {r}" for r in range(rows)], "position")
+        if spec == "cols":
+            return PositionGroups([[patch(r, c) for r in range(rows)] for c in range(cols)],
+                                  [f"col {c}" for c in range(cols)], "position")
+        raise PrismaError(f"unknown positions {spec!r}: use 'all', 'prefix', 'patches', 'rows', 'cols', a "
+                          "patch-grid mask, a list of token indices or a list of groups")
+    if isinstance(spec, dict):
+        groups = [_indices(v, n_tokens, allow_empty=True) for v in spec.values()]
+        return PositionGroups(groups, [str(k) for k in spec], "position")
+    if _is_mask(spec):
+        mask = torch.as_tensor(spec)
+        if tuple(mask.shape) != (rows, cols):
+            raise PrismaError(f"a position mask must have the patch grid's shape {(rows, cols)}, "
+                              f"got {tuple(mask.shape)}")
+        group = [patch(r, c) for r, c in mask.nonzero().tolist()]
+        if not group:
+            raise PrismaError("the position mask selects no patch")
+        return PositionGroups([group], ["mask"], "position")
+    items = list(spec)
+    if not items:
+        raise PrismaError("no positions given")
+    if all(isinstance(i, (int, np.integer)) for i in items):
+        idx = _indices(items, n_tokens)
+        return PositionGroups([[i] for i in idx], [labels[i] for i in idx], "position")
+    groups = [_indices(g, n_tokens, allow_empty=True) for g in items]
+    return PositionGroups(groups, [f"group {i}" for i in range(len(groups))], "position")
+
+
+def _indices(values, n_tokens: int, allow_empty: bool = False) -> list[int]:
+    """Token indices, checked; a group may be empty (it patches nothing: a control)."""
+    out = [int(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+    bad = [v for v in out if not 0 <= v < n_tokens]
+    if bad or not (out or allow_empty):
+        raise PrismaError(f"token indices must lie in [0, {n_tokens}), got {out}")
+    return out
+
+
+def _is_mask(spec) -> bool:
+    return isinstance(spec, (torch.Tensor, np.ndarray)) and spec.dtype in (torch.bool, np.bool_)

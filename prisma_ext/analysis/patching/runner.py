@@ -1,0 +1,79 @@
+"""Running patched forward passes, chunk by chunk, and scoring them with the bound target.
+
+`PatchRunner.outputs(site, layer, jobs)` runs one chunk of patched runs: each row is the base
+input with one position group (and head) of one site replaced by the source run's value. Where
+the backend can restart mid-model (`Backend.restart`), the rows start at the patched layer from
+the base run's cached residual stream instead of at the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from ...errors import PrismaError
+from ..backend import Backend
+from ..targets import Target
+from .plan import Jobs, Plan, site_name
+
+
+def patch_rows(value: Tensor, source: Tensor, token_mask: Tensor, heads: Tensor) -> Tensor:
+    """Replace, row by row, the masked tokens (and one head, where heads >= 0) of `value` with
+    `source`. value/source [n, pos, ...]; token_mask [n, pos]; heads [n]."""
+    mask, heads = token_mask.to(value.device), heads.to(value.device)
+    if value.ndim == 4:  # [n, pos, head, d_head]
+        head_mask = torch.ones(value.shape[0], value.shape[2], dtype=torch.bool, device=value.device)
+        picked = heads >= 0
+        if picked.any():
+            head_mask[picked] = torch.nn.functional.one_hot(heads[picked], value.shape[2]).bool()
+        mask = mask[:, :, None] & head_mask[:, None, :]
+    while mask.ndim < value.ndim:
+        mask = mask.unsqueeze(-1)
+    return torch.where(mask, source.to(value.dtype), value)
+
+
+def output_acts(backend: Backend, target: Target) -> dict[str, str]:
+    """The sites `target` reads, each served by the run's output (patched runs keep only their
+    output): {site: "output"}, or a PrismaError when the output is not that site."""
+    missing = [s for s in target.sites if s != backend.output_site]
+    if missing:
+        raise PrismaError(
+            f"{target.describe()} as a patching target reads {', '.join(missing)}, but patching sees only "
+            "the model's output, and here it is not the image embedding (a zero-shot head is set, or this is "
+            "not a CLIP vision tower). Use image_text_patching(clip, clean, corrupted, texts), or the CLIP "
+            "model without a zero-shot head, or a class / LogitDiff of the zero-shot head")
+    return {s: "output" for s in target.sites}
+
+
+def score_rows(target: Target, output: Tensor, rows: Tensor, served: Mapping[str, str]) -> Tensor:
+    """The bound target's score of each output row [n]; row i belongs to example rows[i]."""
+    return target.score(output, {site: output for site in served}, rows=rows)
+
+
+class PatchRunner:
+    """The patched forwards of a plan, given the base and source runs' cached site values."""
+
+    def __init__(self, plan: Plan, base_cache: dict[str, Tensor], source_cache: dict[str, Tensor],
+                 restart: bool):
+        self.plan, self.base_cache, self.source_cache, self.restart = plan, base_cache, source_cache, restart
+        n_tokens = next(iter(base_cache.values())).shape[1]
+        self.group_mask = plan.groups.mask(n_tokens)
+
+    def outputs(self, site: str, layer: int, jobs: Jobs) -> Tensor:
+        """The outputs [len(jobs), ...] of one chunk of patched runs at (site, layer)."""
+        be, name = self.plan.backend, site_name(site, layer)
+        examples = jobs.examples
+        token_mask = self.group_mask[jobs.groups]
+        source = self.source_cache[name][examples]
+
+        def edit(value: Tensor) -> Tensor:
+            return patch_rows(value, source, token_mask, jobs.heads)
+
+        if not self.restart:
+            return be.run(self.plan.base_input[examples], edit={name: edit}).output
+        resid = self.base_cache[site_name("resid_pre", layer)][examples]
+        if site == "resid_pre":
+            return be.restart(edit(resid), layer, {}, examples)
+        return be.restart(resid, layer, {name: edit}, examples)

@@ -1,0 +1,42 @@
+"""timm `VisionTransformer` / `VisionTransformerDistilled`: HookedViT's site names on timm's modules.
+
+Semantics are HookedViT's: `hook_attn_out`/`hook_mlp_out` are what the block adds to the residual
+stream (after layer scale), `hook_resid_mid` is the input of `norm2` (the residual stream itself,
+so an assignment copies into it), the pattern is `attn_drop`'s output with `fused_attn` switched
+off for the trace, `z` is `proj`'s input.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .builder import D_MLP, HEADS, PATTERN, POOLED, TOKENS, BlockSites, SiteMap
+from .spec import IDENTITY, Chunk, FlattenGrid, Heads, SetAttr, Site, Unsqueeze
+
+
+def timm_vit_sites(m: nn.Module) -> dict[str, Site]:
+    """The site map of a timm ViT `m`, in forward order."""
+    sites = SiteMap()
+    sites.add("hook_patch_embed", Site("patch_embed", view=FlattenGrid() if m.dynamic_img_size else IDENTITY,
+                                       shape=TOKENS))
+    if not isinstance(m.norm_pre, nn.Identity):
+        sites.add("hook_full_embed", Site("norm_pre", "input"))
+        sites.add("hook_embed", Site("norm_pre"))
+    for i, blk in enumerate(m.blocks):
+        b, attn, heads = f"blocks.{i}", f"blocks.{i}.attn", blk.attn.num_heads
+        q, k, v = (Site(f"{attn}.qkv", view=Chunk(j, 3, heads), shape=HEADS) for j in range(3))
+        sites.block(i, BlockSites(
+            resid_pre=Site(b, "input"), ln1=Site(f"{b}.norm1"), q=q, k=k, v=v,
+            pattern=Site(f"{attn}.attn_drop", shape=PATTERN, prepare=SetAttr(attn, "fused_attn", False)),
+            z=Site(f"{attn}.proj", "input", Heads(heads), HEADS),
+            attn_out=Site(f"{b}.drop_path1"),
+            resid_mid=Site(f"{b}.norm2", "input", in_place=True), ln2=Site(f"{b}.norm2"),
+            mlp_pre=Site(f"{b}.mlp.fc1", shape=D_MLP), mlp_post=Site(f"{b}.mlp.act", shape=D_MLP),
+            mlp_out=Site(f"{b}.drop_path2"), resid_post=Site(b)))
+    if not isinstance(m.fc_norm, nn.Identity):
+        sites.add("ln_final.hook_normalized", Site("fc_norm", view=Unsqueeze(1), shape="[batch, 1, d_model]"))
+    elif not isinstance(m.norm, nn.Identity):
+        sites.add("ln_final.hook_normalized", Site("norm"))
+    if getattr(m, "dist_token", None) is None:  # a distilled head reads two tokens apart
+        sites.add("hook_pooled", Site("head", "input", shape=POOLED))
+    return sites.done()

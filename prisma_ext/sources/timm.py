@@ -1,0 +1,68 @@
+"""`timm:NAME[.TAG]`: timm's model factory, with its own checkpoint filter for local files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import PrismaError, UnknownNameError, UnsupportedModelError, closest, suggest
+from . import Source, is_path
+
+EXAMPLES = ["vit_small_patch16_224", "deit_small_distilled_patch16_224", "vit_small_patch14_reg4_dinov2",
+            "vit_base_patch16_siglip_224"]
+
+
+def supported_timm_names() -> list[str]:
+    """timm model names built by the classes the timm adapter converts (timm's vision_transformer
+    and deit modules); a config there that uses a refused feature (qk_norm, SwiGLU ...) is still
+    refused, with the feature named, when it is loaded."""
+    import timm
+
+    return timm.list_models(module=["vision_transformer", "deit"])
+
+
+def suggest_names(name: str) -> list[str]:
+    return closest(name, supported_timm_names())
+
+
+class TimmSource(Source):
+    prefix = "timm"
+
+    def build(self, name, pretrained, kwargs) -> nn.Module:
+        import timm
+
+        arch = name.split(".")[0]
+        if not timm.is_model(arch):
+            raise UnknownNameError(suggest(arch, supported_timm_names(), "timm model") +
+                                   "; timm.list_models() lists every name")
+        if is_path(pretrained):
+            path = Path(pretrained)
+            if not path.is_file():
+                raise PrismaError(f"pretrained checkpoint {str(path)!r} does not exist")
+            overlay = dict(file=str(path))
+            if "num_classes" in kwargs:  # else timm drops a head whose size differs from its default
+                overlay["num_classes"] = kwargs["num_classes"]
+            kwargs = dict(kwargs, pretrained_cfg_overlay=overlay)
+            pretrained = True
+        try:
+            module = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+        except (OSError, RuntimeError, ValueError) as err:
+            if pretrained and not kwargs.get("pretrained_cfg_overlay"):
+                raise PrismaError(
+                    f"could not fetch pretrained weights for timm:{name} ({type(err).__name__}: {err}). "
+                    "Offline? Pass pretrained=False for random weights or pretrained='path/to/checkpoint'"
+                ) from err
+            raise PrismaError(f"timm could not build {name}: {err}") from err
+        module.eval()
+        from ..adapters.timm_vit import TimmViTAdapter
+
+        adapter = TimmViTAdapter()
+        if not adapter.matches(module):
+            reason = adapter.refusal(module) or f"{type(module).__name__} is not a ViT"
+            near = suggest_names(name) or EXAMPLES
+            raise UnsupportedModelError(f"timm:{name}: {reason}; closest supported names: {', '.join(near)}")
+        return module
+
+
+SOURCE = TimmSource()

@@ -1,0 +1,190 @@
+"""The adapter registry: a hand-written ViT in a few dozen lines, refusals, px.load's errors."""
+
+import math
+
+import pytest
+import torch
+from tests.support.models import SMALL, images_for, randomize_, small_timm
+from torch import nn
+
+import prisma_ext as px
+from prisma_ext.adapters import Adapter, adapter_for, register_adapter, unregister_adapter
+from prisma_ext.errors import PrismaError, UnknownNameError, UnsupportedModelError
+
+
+# ---------------------------------------------------------------- a ViT that is not timm's
+class TinyBlock(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.pre_attn, self.pre_ff = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        h = self.pre_attn(x)
+        q, k, v = (f(h).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        att = (q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)).softmax(-1)
+        x = x + self.out((att @ v).transpose(1, 2).reshape(b, n, d))
+        return x + self.ff(self.pre_ff(x))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, d=24, heads=3, layers=2, patch=4, img=16, classes=5):
+        super().__init__()
+        self.patch, self.img = patch, img
+        self.to_patches = nn.Conv2d(3, d, patch, patch)
+        self.cls = nn.Parameter(torch.zeros(d))
+        self.pos = nn.Parameter(torch.zeros(1 + (img // patch) ** 2, d))
+        self.layers = nn.ModuleList(TinyBlock(d, heads) for _ in range(layers))
+        self.norm, self.classifier = nn.LayerNorm(d), nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.to_patches(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], 1) + self.pos
+        for layer in self.layers:
+            x = layer(x)
+        return self.classifier(self.norm(x)[:, 0])
+
+
+class TinyViTAdapter(Adapter):
+    """The whole adapter for TinyViT: recognise it, describe it, hand over its weights."""
+
+    name = "tiny-vit"
+
+    def matches(self, module):
+        return isinstance(module, TinyViT)
+
+    def config(self, m):
+        d, blk = m.cls.shape[0], m.layers[0]
+        return px.ViTConfig(d_model=d, n_layers=len(m.layers), n_heads=blk.heads, d_head=d // blk.heads,
+                            d_mlp=blk.ff[0].out_features, n_classes=m.classifier.out_features,
+                            img_size=(m.img, m.img), patch_size=(m.patch, m.patch), eps=1e-5,
+                            eps_final=1e-5, source="tiny-vit")
+
+    def weights(self, m):
+        ln = lambda n: (n.weight, n.bias)  # noqa: E731
+        blocks = [px.BlockWeights(
+            ln1=ln(b.pre_attn), ln2=ln(b.pre_ff),
+            qkv_w=torch.cat([b.q.weight, b.k.weight, b.v.weight]),
+            qkv_b=torch.cat([b.q.bias, b.k.bias, b.v.bias]),
+            proj_w=b.out.weight, proj_b=b.out.bias,
+            fc1_w=b.ff[0].weight, fc1_b=b.ff[0].bias, fc2_w=b.ff[2].weight, fc2_b=b.ff[2].bias,
+        ) for b in m.layers]
+        return px.ViTWeights(patch_w=m.to_patches.weight, patch_b=m.to_patches.bias, cls=m.cls, dist=None,
+                             reg=None, pos_embed=m.pos, ln_pre=None, blocks=blocks, ln_final=ln(m.norm),
+                             head_w=m.classifier.weight, head_b=m.classifier.bias)
+
+
+@pytest.fixture
+def tiny_adapter():
+    register_adapter(TinyViTAdapter)
+    yield
+    unregister_adapter("tiny-vit")
+
+
+def test_user_adapter_reproduces_hand_written_vit(tiny_adapter):
+    src = randomize_(TinyViT().eval(), seed=2)
+    x = torch.randn(3, 3, 16, 16)
+    hooked = px.load(src)
+    assert adapter_for(src).name == "tiny-vit"
+    with torch.no_grad():
+        ref = src(x)
+        logits, cache = hooked.run_with_cache(x)
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
+    assert cache["blocks.1.attn.hook_pattern"].shape == (3, 3, 17, 17)
+    folded = px.load(src, fold_ln=True, center_writing_weights=True, fold_value_biases=True)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), ref, atol=1e-4, rtol=0)
+
+
+def test_unregistered_module_is_refused_with_the_registry():
+    with pytest.raises(UnsupportedModelError, match="no adapter recognises .*TinyViT.*timm-vit"):
+        px.load(TinyViT())
+
+
+def test_register_adapter_rejects_non_adapters():
+    with pytest.raises(TypeError, match="must subclass"):
+        register_adapter(object())
+
+
+# ---------------------------------------------------------------- refusals and names
+@pytest.mark.parametrize("arch, feature", [
+    ("eva02_tiny_patch14_224", "rotary"),
+    ("swin_tiny_patch4_window7_224", "windowed"),
+])
+def test_other_timm_families_are_refused(arch, feature):
+    import timm
+
+    module = timm.create_model(arch, pretrained=False, num_classes=3)
+    with pytest.raises(UnsupportedModelError, match=feature):
+        px.load(module)
+
+
+def test_named_unsupported_family_lists_close_supported_names():
+    with pytest.raises(UnsupportedModelError, match="rotary.*closest supported names: .*vit_"):
+        px.load("timm:eva02_tiny_patch14_224", pretrained=False)
+
+
+@pytest.mark.parametrize("overrides, feature", [
+    (dict(qk_norm=True), "qk_norm"),
+    (dict(global_pool="avgmax", class_token=False), "avgmax"),
+    (dict(norm_layer="rmsnorm"), "LayerNorm"),
+])
+def test_unsupported_vit_features_are_named(overrides, feature):
+    with pytest.raises(UnsupportedModelError, match=feature):
+        px.load(small_timm("plain", **overrides))
+
+
+def test_unknown_names_suggest_closest():
+    with pytest.raises(UnknownNameError, match="vit_small_patch16_224"):
+        px.load("timm:vit_smal_patch16_224", pretrained=False)
+    with pytest.raises(UnknownNameError, match="timm"):
+        px.load("tim:vit_small_patch16_224")
+    with pytest.raises(UnknownNameError, match="prefix"):
+        px.load("vit_small_patch16_224")
+    with pytest.raises(PrismaError, match="backend"):
+        px.load("timm:vit_small_patch16_224", backend="jax")
+
+
+# ---------------------------------------------------------------- loading weights
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_pretrained_local_checkpoint(tmp_path, suffix):
+    src = small_timm("plain", seed=11)
+    path = tmp_path / f"ckpt{suffix}"
+    if suffix == ".pth":
+        torch.save(src.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    hooked = px.load("timm:vit_base_patch16_224", pretrained=path, img_size=32, patch_size=8, **SMALL)
+    x = images_for(src)
+    with torch.no_grad():
+        torch.testing.assert_close(hooked(x), src(x), atol=1e-4, rtol=0)
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(PrismaError, match="does not exist"):
+        px.load("timm:vit_tiny_patch16_224", pretrained=tmp_path / "nope.pth")
+
+
+def test_unreachable_hub_gives_clear_error(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to the hub")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(PrismaError, match="pretrained=False"):
+        px.load("timm:vit_tiny_patch16_224", pretrained=True)
+
+
+def test_loads_class_names_for_imagenet_models():
+    hooked = px.load("timm:vit_tiny_patch16_224", pretrained=False, depth=1)
+    assert len(hooked.class_names) == 1000 and hooked.class_names[281].startswith("tabby")
+    assert hooked.to_single_token("tabby") == 281
+    with pytest.raises(UnknownNameError, match="tabby"):
+        hooked.to_single_token("taby")

@@ -1,0 +1,180 @@
+"""Hugging Face ViT classifiers (`ViTForImageClassification`, `ViTModel` without pooler): the TL
+backend equals transformers' own forward, the nnsight backend's sites equal the TL backend's, and
+remote tracing (nnsight's local simulation) equals a local trace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.support.models import module_hooks, randomize_
+from nnsight import save
+from transformers import ViTConfig, ViTForImageClassification, ViTForMaskedImageModeling, ViTModel
+
+import prisma_ext as px
+from prisma_ext.errors import PrismaError, UnsupportedModelError
+
+SMALL = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+             image_size=32, patch_size=8, num_labels=5)
+VARIANTS = {"plain": {}, "gelu_new_no_qkv_bias": dict(hidden_act="gelu_new", qkv_bias=False, layer_norm_eps=1e-6),
+            "non_square": dict(image_size=(32, 24), hidden_act="quick_gelu")}
+
+
+def small_vit(variant: str = "plain", seed: int = 0, cls=ViTForImageClassification, **kw) -> torch.nn.Module:
+    config = ViTConfig(**{**SMALL, **VARIANTS[variant]}, id2label={i: f"class {i}" for i in range(5)})
+    return randomize_(cls(config, **kw).eval(), seed)
+
+
+def images_for(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    size = model.config.image_size
+    h, w = size if isinstance(size, (tuple, list)) else (size, size)
+    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_and_every_block_equal_transformers(variant):
+    src = small_vit(variant)
+    hooked, images = px.load(src), images_for(src)
+    with torch.no_grad():
+        ref = src(pixel_values=images, output_hidden_states=True)
+        logits, cache = hooked.run_with_cache(images)
+    torch.testing.assert_close(logits, ref.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(cache["blocks.0.hook_resid_pre"], ref.hidden_states[0], atol=1e-4, rtol=0)
+    for i in range(SMALL["num_hidden_layers"]):
+        torch.testing.assert_close(cache[f"blocks.{i}.hook_resid_post"], ref.hidden_states[i + 1],
+                                   atol=1e-4, rtol=0, msg=f"block {i}")
+    cfg = hooked.cfg
+    assert (cfg.n_classes, cfg.n_heads, cfg.d_head, cfg.eps) == (5, 3, 16, src.config.layer_norm_eps)
+    assert hooked.class_names == [f"class {i}" for i in range(5)]
+
+
+@pytest.mark.parametrize("options", [dict(fold_ln=True), dict(center_writing_weights=True),
+                                     dict(fold_ln=True, center_writing_weights=True, fold_value_biases=True)])
+def test_weight_processing_keeps_the_logits(options):
+    src = small_vit(seed=2)
+    images = images_for(src)
+    with torch.no_grad():
+        torch.testing.assert_close(px.load(src, **options)(images), src(pixel_values=images).logits,
+                                   atol=1e-4, rtol=0)
+
+
+def test_vit_model_without_pooler_has_no_head():
+    src = small_vit(seed=3, cls=ViTModel, add_pooling_layer=False)
+    hooked, images = px.load(src), images_for(src)
+    with torch.no_grad():
+        out = src(pixel_values=images, output_hidden_states=True)
+        torch.testing.assert_close(hooked(images), out.last_hidden_state[:, 0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(hooked(images, return_type="resid"), out.hidden_states[-1], atol=1e-4, rtol=0)
+    assert hooked.cfg.n_classes == 0
+    traced = px.load(src, backend="nnsight")
+    with torch.no_grad():
+        _, tl_cache = hooked.run_with_cache(images)
+        out, cache = traced.run_with_cache(images)
+    assert "hook_pooled" not in cache
+    for name, value in cache.items():
+        torch.testing.assert_close(value, tl_cache[name], atol=1e-5, rtol=0, msg=name)
+    torch.testing.assert_close(cache["ln_final.hook_normalized"], out.last_hidden_state, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["plain", "gelu_new_no_qkv_bias"])
+def test_nnsight_sites_equal_the_tl_backend(variant):
+    src = small_vit(variant, seed=4)
+    hooked, traced, images = px.load(src), px.load(src, backend="nnsight"), images_for(src)
+    with torch.no_grad():
+        _, tl_cache = hooked.run_with_cache(images)
+        out, cache = traced.run_with_cache(images)
+    assert type(traced).__name__ == "TracedViT" and list(cache) == traced.site_names
+    assert len(cache) == 2 + 2 * 14 + 1 and "blocks.1.attn.hook_pattern" in cache
+    for name, value in cache.items():
+        torch.testing.assert_close(value, tl_cache[name], atol=1e-5, rtol=0, msg=name)
+    torch.testing.assert_close(out.logits, src(pixel_values=images).logits, atol=1e-5, rtol=0)
+    assert traced.layout == hooked.layout
+    assert src.config._attn_implementation == "sdpa" and not module_hooks(src)
+
+
+def test_an_nnsight_edit_equals_the_same_tl_edit():
+    src = small_vit(seed=5)
+    hooked, traced, images = px.load(src), px.load(src, backend="nnsight"), images_for(src)
+    uniform = torch.full((2, 3, 17, 17), 1 / 17)
+    with torch.no_grad():
+        with traced.trace(images):
+            traced.set_site("blocks.0.attn.hook_pattern", uniform)
+            z = traced.site("blocks.1.attn.hook_z")
+            z[:, :, 1] = 0
+            logits = traced.output.logits.save()
+        z_hook = ("blocks.1.attn.hook_z", lambda t, hook: torch.cat([t[:, :, :1], 0 * t[:, :, 1:2], t[:, :, 2:]], 2))
+        expected = hooked.run_with_hooks(images, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda t, hook: uniform),
+                                                            z_hook])
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    assert all(layer.attention.config is src.config for layer in src.vit.layers)
+
+
+# ---------------------------------------------------------------- saved folders, remote
+@pytest.fixture(scope="module")
+def saved_vit(tmp_path_factory):
+    src = small_vit(seed=6)
+    folder = tmp_path_factory.mktemp("vit")
+    src.save_pretrained(folder)
+    return src, str(folder)
+
+
+def test_hf_folder_loads_both_classes(saved_vit, tmp_path):
+    src, folder = saved_vit
+    images = images_for(src)
+    with torch.no_grad():
+        torch.testing.assert_close(px.load(f"hf:{folder}")(images), src(pixel_values=images).logits,
+                                   atol=1e-4, rtol=0)
+    bare = small_vit(seed=7, cls=ViTModel, add_pooling_layer=False)
+    bare.save_pretrained(tmp_path / "bare")
+    loaded = px.load(f"hf:{tmp_path / 'bare'}")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), bare(pixel_values=images).last_hidden_state[:, 0],
+                                   atol=1e-4, rtol=0)
+
+
+def traced_values(model, images):
+    """Read a pattern, edit block 1's attention, read later sites and the logits."""
+    uniform = torch.full((2, 3, 17, 17), 1 / 17)
+    with torch.no_grad():
+        with model.trace(images):
+            values = save([model.site("blocks.0.attn.hook_pattern")])
+            model.set_site("blocks.1.attn.hook_pattern", uniform)
+            values.append(model.site("blocks.1.hook_resid_post"))
+            values.append(model.site("hook_pooled"))
+            logits = model.output.logits.save()
+    return values, logits
+
+
+def test_remote_local_simulation_equals_a_local_trace(saved_vit):
+    from nnsight.modeling.mixins.remotable import Remotable
+
+    src, folder = saved_vit
+    remote = px.load(f"hf:{folder}", backend="nnsight", remote="local")
+    assert isinstance(remote, Remotable) and type(remote).__name__ == "RemoteTracedViT"
+    assert not remote.dispatched
+    local = px.load(src, backend="nnsight")
+    images = images_for(src)
+    expected, expected_logits = traced_values(local, images)
+    got, logits = traced_values(remote, images)  # serialised, rebuilt without local modules, run
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(logits, expected_logits, atol=0, rtol=0)
+    assert remote.site_names == local.site_names and not module_hooks(remote._module)
+    with pytest.raises(PrismaError, match="local folder"):
+        px.load(f"hf:{folder}", backend="nnsight", remote=True).to_model_key()
+
+
+# ---------------------------------------------------------------- refusals
+def test_refusals_name_the_feature(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="pooler"):
+        px.load(small_vit(cls=ViTModel))
+    with pytest.raises(UnsupportedModelError, match="pooler"):
+        px.load(small_vit(cls=ViTModel), backend="nnsight")
+    with pytest.raises(UnsupportedModelError, match="activation 'gelu_fast'"):
+        px.load(ViTForImageClassification(ViTConfig(**SMALL, hidden_act="gelu_fast")))
+    with pytest.raises(UnsupportedModelError, match="ViTForMaskedImageModeling is not supported; supported: "
+                                                    "ViTForImageClassification"):
+        px.load(ViTForMaskedImageModeling(ViTConfig(**SMALL)))
+    src = small_vit(cls=ViTForMaskedImageModeling)
+    src.save_pretrained(tmp_path / "mim")
+    with pytest.raises(PrismaError, match="remote tracing takes ViTForImageClassification"):
+        px.load(f"hf:{tmp_path / 'mim'}", backend="nnsight", remote="local")

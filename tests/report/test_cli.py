@@ -1,0 +1,232 @@
+"""The `prisma-ext` command line and the sample-image helpers it uses."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from prisma_ext import cli
+from prisma_ext.data import SAMPLE_IMAGES, load_image, sample_image
+
+ERROR_PREFIX = "prisma-ext: error: "
+TOP_K_LINE = re.compile(r"^\s*\d+\.\s+\d+\.\d\d%\s+\S")
+
+
+def _assert_one_error_line(capsys, rc: int, *needles: str) -> str:
+    _out, err = capsys.readouterr()
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(ERROR_PREFIX), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- the main job
+
+
+def test_inspect_prints_summary_layout_sites_and_top_k(capsys, tmp_path):
+    from PIL import Image
+
+    # A non-square image that is not 224 x 224, so preprocess has to resize it.
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.png"
+    Image.fromarray(rng.integers(0, 256, (180, 260, 3), dtype=np.uint8)).save(path)
+
+    rc = cli.main(
+        ["inspect", "--model", "timm:vit_tiny_patch16_224", "--image", str(path), "--top-k", "3"]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "== architecture ==" in out and "== token layout ==" in out
+
+    # ViT-Tiny/16 at 224: 1 CLS + 14*14 patches = 197 tokens, d_model 192, 3 heads, 12 blocks.
+    rows = dict(re.findall(r"^(\S+)\s+\((\d+(?:, \d+)*)\)$", out, flags=re.MULTILINE))
+    assert rows["blocks.0.hook_resid_post"] == "1, 197, 192"
+    assert rows["blocks.11.hook_resid_post"] == "1, 197, 192"
+    assert rows["blocks.0.attn.hook_pattern"] == "1, 3, 197, 197"
+    assert "blocks.12.hook_resid_post" not in rows
+
+    top = [line for line in out.splitlines() if TOP_K_LINE.match(line)]
+    assert len(top) == 3, out
+    probs = [float(re.search(r"(\d+\.\d\d)%", line).group(1)) for line in top]
+    assert probs == sorted(probs, reverse=True)
+    assert 0.0 < probs[0] <= 100.0
+
+
+def test_no_command_means_inspect_with_defaults(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "cmd_inspect", lambda args: seen.append(args) or 0)
+    assert cli.main([]) == 0
+    assert cli.main(["--top-k", "2"]) == 0
+    assert seen[0].model == "timm:vit_tiny_patch16_224"
+    assert seen[0].pretrained is False
+    assert seen[0].image is None
+    assert seen[0].top_k == 5
+    assert seen[1].top_k == 2
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_image_is_one_error_line(capsys, tmp_path):
+    missing = tmp_path / "no-such-image.png"
+    rc = cli.main(["inspect", "--image", str(missing)])
+    _assert_one_error_line(capsys, rc, "no-such-image.png")
+
+
+def test_text_file_as_image_is_one_error_line(capsys, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not an image\nsecond line\n")
+    rc = cli.main(["inspect", "--image", str(text)])
+    _assert_one_error_line(capsys, rc, "notes.txt")
+
+
+def test_unknown_model_is_one_error_line(capsys):
+    rc = cli.main(["inspect", "--model", "timm:vit_nope"])
+    _assert_one_error_line(capsys, rc, "vit_nope")
+
+
+def test_bad_top_k_is_one_error_line(capsys):
+    rc = cli.main(["inspect", "--top-k", "0"])
+    _assert_one_error_line(capsys, rc, "--top-k")
+
+
+def test_argparse_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["inspect", "--top-k", "three"])
+    assert info.value.code == 2
+    assert "prisma-ext inspect: error:" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- staying light
+
+
+def test_import_prisma_ext_stays_light():
+    code = (
+        "import prisma_ext, prisma_ext.cli, sys; "
+        "heavy = [m for m in ('timm', 'transformer_lens', 'torch') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_help_runs_without_heavy_imports():
+    code = (
+        "import sys; from prisma_ext.cli import main\n"
+        "try:\n    main(['inspect', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "assert 'torch' not in sys.modules"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    assert "--pretrained" in res.stdout and "--top-k" in res.stdout
+
+
+# --------------------------------------------------------------------------- sample images
+
+
+@pytest.mark.parametrize("name", SAMPLE_IMAGES)
+def test_sample_images_are_rgb_uint8(name):
+    img = sample_image(name)
+    assert img.dtype == np.uint8
+    assert img.ndim == 3 and img.shape[2] == 3
+    assert img.shape[0] >= 100 and img.shape[1] >= 100
+    assert img.std() > 10  # a photo, not a blank
+
+
+def test_sample_image_unknown_name_lists_the_names():
+    with pytest.raises(ValueError) as info:
+        sample_image("dog")
+    msg = str(info.value)
+    assert "'dog'" in msg and all(name in msg for name in SAMPLE_IMAGES)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_load_image_converts_to_rgb(tmp_path, mode):
+    from PIL import Image
+
+    rgb = np.random.default_rng(1).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    path = tmp_path / f"img-{mode}.png"
+    Image.fromarray(rgb).convert(mode).save(path)
+    img = load_image(path)
+    assert img.shape == (7, 9, 3) and img.dtype == np.uint8
+    if mode == "RGB":
+        np.testing.assert_array_equal(img, rgb)  # PNG is lossless
+
+
+def test_load_image_errors_name_the_path(tmp_path):
+    from prisma_ext.errors import PrismaError
+
+    with pytest.raises(PrismaError, match="not found"):
+        load_image(tmp_path / "missing.jpg")
+    with pytest.raises(PrismaError, match="directory"):
+        load_image(tmp_path)
+    bad = tmp_path / "fake.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(PrismaError, match="fake.jpg"):
+        load_image(bad)
+
+
+# --------------------------------------------------------------------------- report, models, sites
+
+
+def test_report_defaults(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "cmd_report", lambda args: seen.append(args) or 0)
+    assert cli.main(["report"]) == 0
+    args = seen[0]
+    assert (args.model, args.image, args.target, args.corrupted, args.out) == (
+        "builtin:shapes-vit", None, None, "auto", "report.html")
+    assert args.top_k == 5 and not args.random_weights and not args.quiet
+
+
+def test_models_lists_the_sources(capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("builtin:shapes-vit", "builtin:shapes-clip", "timm:NAME", "vit_small_patch14_reg4_dinov2",
+                   "open_clip:ARCH/TAG", "45 of the 48", "CoCa", "hf:REPO", "register_adapter"):
+        assert needle in out, needle
+
+
+def test_sites_lists_names_and_shapes(capsys):
+    assert cli.main(["sites", "builtin:shapes-vit"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^(\S+)\s+\((\d+(?:, \d+)*)\)$", out, flags=re.MULTILINE))
+    assert "blocks.0.hook_resid_pre" in rows and "blocks.0.attn.hook_pattern" in rows
+    assert rows["blocks.0.hook_resid_pre"].startswith("1, ")
+
+
+def test_sites_unknown_model_is_one_error_line(capsys):
+    rc = cli.main(["sites", "timm:vit_nope"])
+    _assert_one_error_line(capsys, rc, "vit_nope")
+
+
+@pytest.mark.parametrize("command", ["report", "models", "sites"])
+def test_subcommand_help_stays_light(command):
+    code = (
+        "import sys; from prisma_ext.cli import main\n"
+        f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "assert 'torch' not in sys.modules"
+    )
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert command in res.stdout
+
+
+def test_readme_first_lines_are_the_two_commands_and_ci_runs_the_second():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    first, second = root.joinpath("README.md").read_text().splitlines()[:2]
+    assert first == "bash scripts/setup.sh && .venv/bin/prisma-ext report"
+    assert second == "bash scripts/setup.sh --test && .venv/bin/python -m pytest -q"
+    ci = root.joinpath(".ci", "run").read_text()
+    assert "sed -n 2p README.md" in ci and 'exec bash -c "$command_line"' in ci

@@ -1,0 +1,157 @@
+"""`prisma-ext report`: the bare command writes one self-contained HTML file that renders in
+headless Chromium without a JavaScript error; bad input is one error line and leaves no file."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prisma_ext import cli
+
+ERROR_PREFIX = "prisma-ext: error: "
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr",
+                  "--v=0", "--virtual-time-budget=10000", "--dump-dom")
+
+
+@pytest.fixture(scope="module")
+def bare_report(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`prisma-ext report` with no arguments, run in an empty folder."""
+    folder = tmp_path_factory.mktemp("bare-report")
+    res = subprocess.run([sys.executable, "-m", "prisma_ext.cli", "report"], cwd=folder, capture_output=True,
+                         text=True, timeout=600)
+    return folder, res
+
+
+def _figure_count(html: str) -> int:
+    found = re.search(r'<meta name="prisma-ext-figures" content="(\d+)">', html)
+    assert found, "the report does not say how many figures it has"
+    return int(found.group(1))
+
+
+def test_bare_report_writes_one_self_contained_file(bare_report):
+    folder, res = bare_report
+    assert res.returncode == 0, res.stderr
+    assert [p.name for p in folder.iterdir()] == ["report.html"]  # no temporary file left
+    html = (folder / "report.html").read_text(encoding="utf-8")
+    n = _figure_count(html)
+    assert n >= 10
+    assert html.count('data-figure="') == n
+    assert html.count("Plotly.newPlot") == n
+    assert len(re.findall(r"plotly\.js v\d", html)) == 1  # plotly.js inlined once
+    assert not re.search(r"<script[^>]+src=", html)  # nothing loads from elsewhere
+    assert not re.search(r"<(?:img|link)[^>]+(?:src|href)=\"https?:", html)
+    assert "data:image/png;base64," in html
+    for section in ("Prediction", "Patch logit lens", "Direct logit attribution", "CLS attribution",
+                    "Attention heads", "Activation patching", "Compared with Captum"):
+        assert f">{section}" in html, section
+    assert "Not available for this model" not in html  # every section ran on the built-in model
+    assert "[1/7]" in res.stderr and "wrote" in res.stderr  # progress on stderr
+    assert res.stdout == ""
+
+
+def test_report_renders_in_headless_chromium(bare_report, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed: run `bash scripts/setup.sh --test` (as root) to install it")
+    folder, res = bare_report
+    assert res.returncode == 0, res.stderr
+    page = folder / "report.html"
+    n = _figure_count(page.read_text(encoding="utf-8"))
+    run = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", page.as_uri()],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    dom = run.stdout
+    plots = re.findall(r'<div[^>]*class="[^"]*\bjs-plotly-plot\b', dom)
+    containers = re.findall(r'<div[^>]*class="[^"]*\bplot-container\b', dom)
+    assert len(plots) == n, f"{len(plots)} of {n} figures rendered"
+    assert len(containers) == n, f"{len(containers)} plot containers for {n} figures"
+    assert len(re.findall(r'<svg[^>]*class="main-svg"', dom)) >= n
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, "JavaScript console messages:\n" + "\n".join(console)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _one_error_line(capsys, rc: int, *needles: str) -> str:
+    out, err = capsys.readouterr()
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(ERROR_PREFIX) and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def empty_cwd(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_missing_image(capsys, empty_cwd):
+    rc = cli.main(["report", "--image", "no-such-photo.png"])
+    _one_error_line(capsys, rc, "no-such-photo.png", "not found")
+    assert list(empty_cwd.iterdir()) == []
+
+
+def test_file_that_is_not_an_image(capsys, empty_cwd):
+    (empty_cwd / "notes.png").write_text("not an image at all\n")
+    rc = cli.main(["report", "--image", "notes.png"])
+    _one_error_line(capsys, rc, "notes.png")
+    assert [p.name for p in empty_cwd.iterdir()] == ["notes.png"]
+
+
+def test_unknown_builtin_image(capsys, empty_cwd):
+    rc = cli.main(["report", "--image", "builtin:circel"])
+    _one_error_line(capsys, rc, "circel", "circle")
+    assert list(empty_cwd.iterdir()) == []
+
+
+def test_unknown_model(capsys, empty_cwd):
+    rc = cli.main(["report", "--model", "timm:vit_nope"])
+    _one_error_line(capsys, rc, "vit_nope")
+    rc = cli.main(["report", "--model", "resnet50"])
+    _one_error_line(capsys, rc, "resnet50")
+    assert list(empty_cwd.iterdir()) == []
+
+
+def test_unknown_class(capsys, empty_cwd):
+    rc = cli.main(["report", "--target", "circel"])
+    _one_error_line(capsys, rc, "circel", "circle")
+    rc = cli.main(["report", "--target", "999"])
+    _one_error_line(capsys, rc, "999", "out of range")
+    assert list(empty_cwd.iterdir()) == []
+
+
+def test_bad_corrupted_image_and_output_folder(capsys, empty_cwd):
+    rc = cli.main(["report", "--corrupted", "missing.jpg"])
+    _one_error_line(capsys, rc, "missing.jpg")
+    rc = cli.main(["report", "--out", "no/such/folder/report.html"])
+    _one_error_line(capsys, rc, "does not exist")
+    (empty_cwd / "a-folder").mkdir()
+    rc = cli.main(["report", "--out", "a-folder"])
+    _one_error_line(capsys, rc, "is a directory")
+    assert [p.name for p in empty_cwd.iterdir()] == ["a-folder"]
+
+
+def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    from prisma_ext.report import build as report
+
+    def refuse(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report.os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        report.write_atomic(tmp_path / "report.html", "<html>" * 1000)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    report.write_atomic(tmp_path / "report.html", "<html></html>")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
