@@ -57,7 +57,7 @@ def load(source: str | nn.Module, backend: str = "tl", pretrained: bool | str | 
 
     adapter = adapter_for(module)
     if backend == "nnsight":
-        from .traced.wrap import wrap
+        from .traced.build import wrap
 
         return wrap(module, adapter, **options)
     return adapter.to_hooked(module, **options)

@@ -1,7 +1,7 @@
 """The nnsight backend: original source modules traced by nnsight, read by TL site names.
 
 `px.load(source, backend="nnsight")` returns a `TracedViT` (timm, Hugging Face ViT) or a
-`TracedCLIP` (open_clip, Hugging Face CLIP) built by `wrap.wrap`; with `remote=` a
+`TracedCLIP` (open_clip, Hugging Face CLIP) built by `build.wrap`; with `remote=` a
 `RemoteTracedCLIP` or `RemoteTracedViT`. Where each site lives is the adapters' site maps
 (`prisma_ext.sitemaps`). `model` imports nnsight, on first use.
 """
@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 
 _LAZY = {"TracedModel": "prisma_ext.traced.model", "TracedViT": "prisma_ext.traced.model",
          "TracedCLIP": "prisma_ext.traced.clip", "RemoteTracedCLIP": "prisma_ext.traced.remote",
-         "RemoteTracedViT": "prisma_ext.traced.remote", "wrap": "prisma_ext.traced.wrap"}
+         "RemoteTracedViT": "prisma_ext.traced.remote", "wrap": "prisma_ext.traced.build"}
 __all__ = ["RemoteTracedCLIP", "RemoteTracedViT", "TracedCLIP", "TracedModel", "TracedViT", "wrap"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .clip import TracedCLIP
     from .model import TracedModel, TracedViT
     from .remote import RemoteTracedCLIP, RemoteTracedViT
-    from .wrap import wrap
+    from .build import wrap
 
 
 def __getattr__(name: str):

@@ -188,3 +188,94 @@ def test_loads_class_names_for_imagenet_models():
     assert hooked.to_single_token("tabby") == 281
     with pytest.raises(UnknownNameError, match="tabby"):
         hooked.to_single_token("taby")
+
+
+# ---------------------------------------------------------------- the contract
+class TinyViTWithSites(TinyViTAdapter):
+    """TinyViT on the nnsight backend too: its site map, written with the builder."""
+
+    name = "tiny-vit-sites"
+
+    def site_map(self, m):
+        from prisma_ext.sitemaps import BlockSites, Heads, Site, SiteMap
+
+        sites = SiteMap()
+        for i, blk in enumerate(m.layers):
+            p = f"layers.{i}"
+            sites.block(i, BlockSites(resid_pre=Site(p, "input"), ln1=Site(f"{p}.pre_attn"),
+                                      z=Site(f"{p}.out", "input", Heads(blk.heads)),
+                                      attn_out=Site(f"{p}.out"), resid_mid=Site(f"{p}.pre_ff", "input", in_place=True),
+                                      ln2=Site(f"{p}.pre_ff"), mlp_out=Site(f"{p}.ff"), resid_post=Site(p)))
+        return sites.add("ln_final.hook_normalized", Site("norm")).done()
+
+
+def test_a_site_map_written_with_the_builder_reads_the_tl_sites():
+    src = randomize_(TinyViT().eval(), seed=3)
+    adapter = register_adapter(TinyViTWithSites())
+    try:
+        traced, hooked = px.load(src, backend="nnsight"), px.load(src)
+    finally:
+        unregister_adapter("tiny-vit-sites")
+    assert traced.site_names[:4] == ["blocks.0.hook_resid_pre", "blocks.0.ln1.hook_normalized",
+                                     "blocks.0.attn.hook_z", "blocks.0.hook_attn_out"]
+    assert traced.adapter is adapter
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        _, want = hooked.run_with_cache(x)
+        _, got = traced.run_with_cache(x)
+    for name, value in got.items():
+        torch.testing.assert_close(value, want[name], atol=1e-5, rtol=0)
+    dla_nn = px.direct_logit_attribution(traced, x, by=("layer", "head"))
+    dla_tl = px.direct_logit_attribution(hooked, x, by=("layer", "head"))
+    torch.testing.assert_close(dla_nn.values, dla_tl.values, atol=1e-5, rtol=0)
+
+
+def test_to_hooked_always_checks():
+    checked = []
+
+    class Refusing(TinyViTAdapter):
+        name = "refusing"
+
+        def check(self, module):
+            checked.append(type(module).__name__)
+            raise UnsupportedModelError("a feature we do not convert")
+
+    with pytest.raises(UnsupportedModelError, match="a feature we do not convert"):
+        Refusing().to_hooked(TinyViT())
+    assert checked == ["TinyViT"]
+    with pytest.warns(DeprecationWarning, match="override convert"):
+        class OldStyle(TinyViTAdapter):  # noqa: F841
+            def to_hooked(self, module, **options):
+                return None
+
+
+def test_traced_class_and_the_old_to_traced_hook():
+    from prisma_ext.traced.model import TracedViT
+
+    class MyTraced(TracedViT):
+        pass
+
+    class WithClass(TinyViTWithSites):
+        name = "with-class"
+        traced_class = MyTraced
+
+    class OldHook(TinyViTWithSites):
+        name = "old-hook"
+
+        def to_traced(self, module, **options):
+            return MyTraced(module, adapter=self, **options)
+
+    src = TinyViT().eval()
+    assert type(px.traced.wrap(src, WithClass())) is MyTraced
+    with pytest.warns(DeprecationWarning, match="traced_class"):
+        assert type(px.traced.wrap(src, OldHook())) is MyTraced
+
+
+def test_every_hugging_face_refusal_lists_every_supported_class():
+    from transformers import Dinov2Config, Dinov2Model
+
+    with pytest.raises(UnsupportedModelError) as err:
+        px.load(Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, image_size=16, patch_size=8)))
+    for cls in ("CLIPModel", "CLIPVisionModel", "ViTForImageClassification", "ViTModel"):
+        assert cls in str(err.value)

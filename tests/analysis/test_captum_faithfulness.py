@@ -57,7 +57,7 @@ def test_integrated_gradients_completeness_for_a_clip_image_text_score():
     chefer = px.gradient_attention(clip, images, px.ImageTextScore(tokens))
     for result in (saliency, chefer):
         assert result.grid().shape == (2, 4, 4) and result.values.abs().sum() > 0
-    scores = px.faithfulness(clip, images, chefer, px.ImageTextScore(tokens), metric="deletion")
+    scores = px.faithfulness(clip, images, px.ImageTextScore(tokens), maps=chefer, curves="deletion")
     torch.testing.assert_close(scores.part("curves").values[:, 0, 0], score)  # nothing removed yet
 
 
@@ -103,7 +103,7 @@ def test_faithfulness_curve_ends_are_the_clean_and_baseline_scores():
     p = pair("plain")
     classes = classes_for(p)
     maps = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
-    result = px.faithfulness(p.tl, p.images, maps, classes)
+    result = px.faithfulness(p.tl, p.images, classes, maps=maps)
     curves = result.part("curves")
     assert result.labels("metric") == ["deletion", "insertion", "pos_perturbation", "neg_perturbation"]
     assert curves.coords["step"][0] == 0.0 and curves.coords["step"][-1] == 1.0
@@ -123,25 +123,26 @@ def test_faithfulness_curve_ends_are_the_clean_and_baseline_scores():
 def test_faithfulness_same_on_both_backends_and_takes_results():
     p = pair("dinov2_reg4")
     rollout = px.attention_rollout(p.tl, p.images)
-    a = px.faithfulness(p.tl, p.images, rollout, baseline="blur")
-    b = px.faithfulness(p.nn, p.images, rollout.grid(), baseline="blur")
+    a = px.faithfulness(p.tl, p.images, maps=rollout, baseline="blur")
+    b = px.faithfulness(p.nn, p.images, maps=rollout.grid(), baseline="blur")
     torch.testing.assert_close(a.values, b.values, **SAME)
-    c = px.faithfulness(p.tl, p.images, rollout.values, metric="deletion", n_steps=3, baseline="mean", batch_size=5)
+    c = px.faithfulness(p.tl, p.images, maps=rollout.values, curves="deletion", n_steps=3, baseline="mean",
+                        batch_size=5)
     assert c.shape == (3, 1) and len(c.part("curves").coords["step"]) == 4
 
 
 def test_faithfulness_names_bad_maps():
     p = pair("plain")
     with pytest.raises(InputError, match=r"expected \[batch, rows, cols\] = \[3, 4, 4\]"):
-        px.faithfulness(p.tl, p.images, torch.rand(3, 3, 3))
+        px.faithfulness(p.tl, p.images, maps=torch.rand(3, 3, 3))
     with pytest.raises(InputError, match="NaN"):
-        px.faithfulness(p.tl, p.images, torch.full((3, 16), float("nan")))
+        px.faithfulness(p.tl, p.images, maps=torch.full((3, 16), float("nan")))
     with pytest.raises(InputError, match="unknown metric"):
-        px.faithfulness(p.tl, p.images, torch.rand(3, 16), metric="pointing")
+        px.faithfulness(p.tl, p.images, maps=torch.rand(3, 16), curves="pointing")
     with pytest.raises(InputError, match="baseline"):
-        px.faithfulness(p.tl, p.images, torch.rand(3, 16), baseline="noise")
+        px.faithfulness(p.tl, p.images, maps=torch.rand(3, 16), baseline="noise")
     with pytest.raises(InputError, match="needs a class target"):
-        px.faithfulness(p.tl, p.images, torch.rand(3, 16), px.LogitDiff(0, 1), score="prob")
+        px.faithfulness(p.tl, p.images, px.LogitDiff(0, 1), maps=torch.rand(3, 16), score="prob")
 
 
 def test_random_maps_delete_worse_than_gradient_maps_on_the_trained_model(trained):
@@ -179,8 +180,8 @@ def test_default_methods_are_those_that_apply():
 def test_compare_attributions_same_on_both_backends():
     p = pair("gap_no_cls", batch=2)
     methods = [(name, CHEAP.get(name, {})) for name in DEFAULT_METHODS]
-    a = px.compare_attributions(p.tl, p.images, methods=methods, metric=("deletion", "insertion", "perturbation"))
-    b = px.compare_attributions(p.nn, p.images, methods=methods, metric=("deletion", "insertion", "perturbation"))
+    a = px.compare_attributions(p.tl, p.images, methods=methods, curves=("deletion", "insertion", "perturbation"))
+    b = px.compare_attributions(p.nn, p.images, methods=methods, curves=("deletion", "insertion", "perturbation"))
     assert a.labels("method") == b.labels("method") == list(DEFAULT_METHODS)
     assert a.labels("column") == ["deletion", "insertion", "pos_perturbation", "neg_perturbation", "seconds"]
     torch.testing.assert_close(a.values[:, :-1], b.values[:, :-1], **SAME)
@@ -202,7 +203,7 @@ CALLS = {
     "direct_logit_attribution": lambda m, x, t: px.direct_logit_attribution(m, x, t),
     "attention_rollout": lambda m, x, t: px.attention_rollout(m, x),
     "gradient_attention": lambda m, x, t: px.gradient_attention(m, x, t),
-    "faithfulness": lambda m, x, t: px.faithfulness(m, x, torch.rand(x.shape[0], 9), t),
+    "faithfulness": lambda m, x, t: px.faithfulness(m, x, t, maps=torch.rand(x.shape[0], 9)),
     **{f"captum/{name}": functools.partial(lambda m, x, t, method: px.captum_attribution(m, x, t, method=method),
                                            method=name) for name in METHODS},
 }
