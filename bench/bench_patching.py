@@ -21,9 +21,7 @@ import time
 import torch
 
 import prisma_ext as px
-from prisma_ext.analysis.attribution_patching import attribution_patching
-from prisma_ext.analysis.metrics import logit_diff
-from prisma_ext.analysis.patching import activation_patching
+from prisma_ext.analysis.patching import activation_patching, attribution_patching
 
 
 def naive_resid_pre(model, clean, corrupted, metric, layers, n_tokens):
@@ -38,7 +36,7 @@ def naive_resid_pre(model, clean, corrupted, metric, layers, n_tokens):
                 return value
 
             out = model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)])
-            values[li, pos] = metric(out, torch.arange(1))[0]
+            values[li, pos] = out[0, 3] - out[0, 7]
     return values
 
 
@@ -61,7 +59,7 @@ def main() -> None:
     model = px.load(src, device=device)
     clean, corrupted = torch.randn(1, 3, 224, 224, device=device), torch.randn(1, 3, 224, 224, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    metric = logit_diff(3, 7)
+    metric = px.LogitDiff(3, 7)
     layers = list(range(args.layers or model.cfg.n_layers))
     n_tokens = model.layout.n_tokens
     print(f"vit_small_patch16_224, random weights, {len(layers)} layers x {n_tokens} positions, batch 1")
@@ -89,7 +87,7 @@ def main() -> None:
 
     def forward_backward():
         out = model(corrupted)
-        metric(out, torch.arange(1)).sum().backward()
+        (out[:, 3] - out[:, 7]).sum().backward()
         model.zero_grad(set_to_none=True)
         sync()
 

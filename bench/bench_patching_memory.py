@@ -16,9 +16,9 @@ import time
 import torch
 
 import prisma_ext as px
-from prisma_ext.analysis.metrics import logit_diff
 from prisma_ext.analysis.patching import activation_patching
-from prisma_ext.analysis.sweep import default_batch_size
+from prisma_ext.analysis.patching.plan import default_batch_size
+from prisma_ext.analysis.targets import LogitDiff
 
 
 def rss_gb(field: str) -> float:
@@ -55,7 +55,7 @@ def main() -> None:
         reset_peak_rss()
         before = rss_gb("VmRSS")
     t0 = time.perf_counter()
-    result = activation_patching(model, clean, corrupted, logit_diff(3, 7), sites=("resid_pre", "z"), layers=[11],
+    result = activation_patching(model, clean, corrupted, LogitDiff(3, 7), sites=("resid_pre", "z"), layers=[11],
                                  batch_size=size, progress=False)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else rss_gb("VmHWM")

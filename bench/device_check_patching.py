@@ -13,9 +13,8 @@ import sys
 import torch
 
 import prisma_ext as px
-from prisma_ext.analysis.attribution_patching import attribution_patching
-from prisma_ext.analysis.metrics import logit_diff
-from prisma_ext.analysis.patching import activation_patching
+from prisma_ext.analysis.patching import activation_patching, attribution_patching
+from prisma_ext.analysis.targets import LogitDiff
 
 SITES = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z")
 
@@ -23,7 +22,7 @@ SITES = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z")
 def sweeps(src, device: torch.device, clean, corrupted) -> dict[str, torch.Tensor]:
     model = px.load(src, device=device)
     clean, corrupted = clean.to(device), corrupted.to(device)
-    metric = logit_diff(torch.tensor([0, 1]), torch.tensor([2, 3]))
+    metric = LogitDiff(torch.tensor([0, 1]), torch.tensor([2, 3]))
     out = {}
     for direction in ("denoising", "noising"):
         exact = activation_patching(model, clean, corrupted, metric, sites=SITES, direction=direction,

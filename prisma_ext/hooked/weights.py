@@ -7,7 +7,7 @@ bias is `None`. The query/key/value rows of `qkv_w` are stacked as `[q; k; v]`, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -76,7 +76,6 @@ class ViTWeights:
     attn_pool: AttnPoolWeights | None = None
     proj_w: Tensor | None = None  # [d_proj, d]: CLIP's image projection, applied before the head
     proj_b: Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -17,10 +17,10 @@ _LAZY = {"TracedModel": "prisma_ext.traced.model", "TracedViT": "prisma_ext.trac
 __all__ = ["RemoteTracedCLIP", "RemoteTracedViT", "TracedCLIP", "TracedModel", "TracedViT", "wrap"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .build import wrap
     from .clip import TracedCLIP
     from .model import TracedModel, TracedViT
     from .remote import RemoteTracedCLIP, RemoteTracedViT
-    from .build import wrap
 
 
 def __getattr__(name: str):

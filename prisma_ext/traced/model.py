@@ -97,11 +97,15 @@ class TracedModel(NNsight):
         self._px_props: dict[str, eproperty] = {}
         self._px_undo: list[Undo] = []
 
-    # Rebuilt from the module where a pickled model lands (`_px_live`), not pickled: a remote
-    # (or simulated) request ships the model, and unpickling these would import the TL backend.
+    # Rebuilt from the module where a pickled model lands (`_px_live`), not pickled. A remote (or
+    # simulated) request pickles this envoy with the trace body that refers to it (nnsight sends
+    # the module itself only as a reference, `Module:<path>`, resolved on the server's copy);
+    # unpickling the adapter and configs there would import prisma-ext's adapters.
     _PX_DERIVED = ("_px_adapter", "_px_config")
 
     def __getstate__(self) -> dict:
+        """The envoy state nnsight pickles into a request, without what is rebuilt on arrival
+        (adapter, configs, per-trace caches, the analysis layer's copy of the weights)."""
         state = super().__getstate__()
         state["_px_props"], state["_px_undo"] = {}, []  # a per-process cache; empty between traces
         state.update(dict.fromkeys(self._PX_DERIVED))

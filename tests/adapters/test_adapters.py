@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from tests.support.models import SMALL, images_for, randomize_, small_timm
 from torch import nn
 
 import prisma_ext as px
 from prisma_ext.adapters import Adapter, adapter_for, register_adapter, unregister_adapter
 from prisma_ext.errors import PrismaError, UnknownNameError, UnsupportedModelError
+from tests.support.models import SMALL, images_for, randomize_, small_timm
 
 
 # ---------------------------------------------------------------- a ViT that is not timm's

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.support.clip_models import small_hf_clip, small_open_clip, text_tokens_for
 
 import prisma_ext as px
 from prisma_ext.errors import InputError, PrismaError, UnknownNameError
+from tests.support.clip_models import small_hf_clip, small_open_clip, text_tokens_for
 
 ATOL = 1e-4
 OPEN_CLIP_NAMES = ["ViT-B-32", "ViT-B-32-quickgelu", "ViT-B-16", "ViT-L-14"]

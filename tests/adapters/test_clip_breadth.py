@@ -8,10 +8,10 @@ pooling, projections. A reproduced config matches open_clip's encode_image / enc
 
 import pytest
 import torch
-from tests.support.clip_models import small_open_clip, text_tokens_for
 
 import prisma_ext as px
 from prisma_ext.errors import UnsupportedModelError
+from tests.support.clip_models import small_open_clip, text_tokens_for
 
 # CoCa's attentional pooler and appended text class token are not built (yet)
 REFUSED = {"coca_base": "class token", "coca_ViT-B-32": "CoCa", "coca_ViT-L-14": "CoCa"}

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from tests.support.models import VARIANTS, images_for, small_timm
 
 import prisma_ext as px
+from tests.support.models import VARIANTS, images_for, small_timm
 
 ATOL = 1e-4
 

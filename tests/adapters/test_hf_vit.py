@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.support.models import module_hooks, randomize_
 from nnsight import save
 from transformers import ViTConfig, ViTForImageClassification, ViTForMaskedImageModeling, ViTModel
 
 import prisma_ext as px
 from prisma_ext.errors import PrismaError, UnsupportedModelError
+from tests.support.models import module_hooks, randomize_
 
 SMALL = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
              image_size=32, patch_size=8, num_labels=5)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from tests.support.pairs import LINEAR, PREFIX, SAME, classes_for, pair
 
 import prisma_ext as px
 from prisma_ext.errors import InputError
+from tests.support.pairs import LINEAR, PREFIX, SAME, classes_for, pair
 
 
 def _reference_rollout(model, images, fusion="mean", rows=0):

@@ -17,13 +17,12 @@ from typing import NamedTuple
 import pytest
 import torch
 from torch import Tensor
-from tests.support.small_trained import trained_shapes_vit
 
 import prisma_ext as px
-from prisma_ext.analysis.patching import attribution_patching
-from prisma_ext.analysis.patching import activation_patching
+from prisma_ext.analysis.patching import activation_patching, attribution_patching
 from prisma_ext.analysis.result import ResultSet
 from prisma_ext.errors import InputError
+from tests.support.small_trained import trained_shapes_vit
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "z")
 

@@ -4,16 +4,16 @@ import functools
 
 import pytest
 import torch
-from tests.support.pairs import PREFIX, SAME, classes_for, pair
-from tests.support.clip_models import small_open_clip, text_tokens_for
-from tests.support.models import fused_flags, module_hooks
-from tests.support.trained import trained_shapes_vit
 
 import prisma_ext as px
 from prisma_ext.analysis.captum_attr import METHODS
 from prisma_ext.analysis.compare import DEFAULT_METHODS, _applicable
 from prisma_ext.analysis.targets import ClassTarget
 from prisma_ext.errors import InputError
+from tests.support.clip_models import small_open_clip, text_tokens_for
+from tests.support.models import fused_flags, module_hooks
+from tests.support.pairs import PREFIX, SAME, classes_for, pair
+from tests.support.trained import trained_shapes_vit
 
 N_TRAINED = 32
 CHEAP = {"integrated_gradients": dict(n_steps=20), "noise_tunnel": dict(nt_samples=3, n_steps=8),

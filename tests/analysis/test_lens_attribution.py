@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from tests.support.pairs import LINEAR, PREFIX, SAME, classes_for, pair
-from tests.support.clip_models import small_open_clip, text_tokens_for
-from tests.support.models import images_for, small_timm
 
 import prisma_ext as px
 from prisma_ext.errors import InputError, PrismaError
+from tests.support.clip_models import small_open_clip, text_tokens_for
+from tests.support.models import images_for, small_timm
+from tests.support.pairs import LINEAR, PREFIX, SAME, classes_for, pair
 
 ATOL = 1e-4
 

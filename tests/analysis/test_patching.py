@@ -3,12 +3,12 @@ attribution patching and image-text patching on CLIP; bad input."""
 
 import pytest
 import torch
-from tests.support.clip_models import small_open_clip
-from tests.support.models import images_for, small_timm
 
 import prisma_ext as px
 from prisma_ext.analysis.patching import activation_patching, attribution_patching, image_text_patching
 from prisma_ext.errors import InputError, PrismaError
+from tests.support.clip_models import small_open_clip
+from tests.support.models import images_for, small_timm
 from tests.support.patcher import reference_patch
 
 SITE_NAMES = {"resid_pre": "blocks.{}.hook_resid_pre", "attn_out": "blocks.{}.hook_attn_out",

@@ -3,12 +3,12 @@ LogitDiff, ImageTextScore on CLIP) and give exactly what the equivalent metric f
 
 import pytest
 import torch
-from tests.support.clip_models import small_open_clip
-from tests.support.models import images_for, small_timm
 
 import prisma_ext as px
 from prisma_ext.analysis.patching import activation_patching, attribution_patching, image_text_patching
 from prisma_ext.errors import InputError, PrismaError
+from tests.support.clip_models import small_open_clip
+from tests.support.models import images_for, small_timm
 
 METHODS = {
     "activation": lambda *a, **k: activation_patching(*a, progress=False, **k),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tests.support.models import randomize_
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -5,9 +5,9 @@ ViT-Prisma crashes here on any CLS model; these tests are the guard against that
 
 import pytest
 import torch
-from tests.support.models import images_for, small_timm
 
 import prisma_ext as px
+from tests.support.models import images_for, small_timm
 
 ATOL = 1e-4
 LINEAR_READOUTS = ["plain", "deit_distilled", "dinov2_reg4", "clip_norm_pre", "gap_no_cls", "avg_fc_norm"]

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from tests.support.models import images_for, small_timm
 
 import prisma_ext as px
 from prisma_ext.errors import InputError
+from tests.support.models import images_for, small_timm
 
 
 @pytest.fixture(scope="module")

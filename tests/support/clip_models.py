@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+
 from tests.support.models import randomize_
 
 SMALL_VISION = dict(width=48, layers=2, head_width=16, image_size=32, patch_size=8)

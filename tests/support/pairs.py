@@ -6,9 +6,9 @@ import functools
 from typing import NamedTuple
 
 import torch
-from tests.support.models import images_for, small_timm
 
 import prisma_ext as px
+from tests.support.models import images_for, small_timm
 
 # layouts with a linear readout: CLS, CLS + distillation, CLS + registers, average pool (norm on
 # every token / on the pooled vector), CLIP-style pre-norm

@@ -21,7 +21,6 @@ from prisma_ext.data.scenes import shape_mask
 from prisma_ext.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
     from torch import Tensor
 
 

@@ -9,11 +9,12 @@ import sys
 
 import pytest
 import torch
-from tests.support.models import VARIANTS, fused_flags, images_for, module_hooks, small_timm
 from nnsight import save
 
 import prisma_ext as px
 from prisma_ext.errors import InputError, PrismaError, UnknownNameError
+from tests.support.models import VARIANTS, fused_flags, images_for, module_hooks, small_timm
+from tests.support.patcher import reference_patch
 
 ATOL = 1e-5
 
@@ -154,23 +155,8 @@ def test_clean_corrupted_patching_equals_torch_hooks():
                 target[:, positions] = source[:, positions]
                 patched = traced.output.save()
 
-        stash = {}
-        grab = src.blocks[1].register_forward_pre_hook(lambda m, args: stash.update(x=args[0].clone()))
-        try:
-            ref_clean = src(clean)
-        finally:
-            grab.remove()
-
-        def patch(module, args):
-            resid = args[0].clone()
-            resid[:, positions] = stash["x"][:, positions]
-            return (resid,)
-
-        put = src.blocks[1].register_forward_pre_hook(patch)
-        try:
-            ref_patched = src(corrupt)
-        finally:
-            put.remove()
+        ref_clean, ref_patched = reference_patch(src.blocks[1], lambda: src(clean), lambda: src(corrupt), positions,
+                                                 port="input")
         corrupt_out = src(corrupt)
     assert (ref_patched - corrupt_out).abs().max() > 1e-3
     torch.testing.assert_close(clean_out, ref_clean, atol=ATOL, rtol=0)

@@ -9,12 +9,13 @@ import json
 
 import pytest
 import torch
-from tests.support.clip_models import small_hf_clip, small_open_clip, text_tokens_for
-from tests.support.models import module_hooks
 from nnsight import save
 
 import prisma_ext as px
 from prisma_ext.errors import InputError, PrismaError, UnknownNameError
+from tests.support.clip_models import small_hf_clip, small_open_clip, text_tokens_for
+from tests.support.models import module_hooks
+from tests.support.patcher import reference_patch
 
 ATOL = 1e-5
 SOURCES = ["ViT-B-32", "ViT-B-32-quickgelu", "ViT-L-14-CLIPA", "hf"]
@@ -193,23 +194,8 @@ def test_clean_corrupted_patching_equals_torch_hooks():
                 target = traced.site("visual.blocks.1.hook_resid_pre")
                 target[:, positions] = source[:, positions]
                 patched = traced.output.save()
-        stash = {}
-        grab = block.register_forward_pre_hook(lambda m, args: stash.update(x=args[0].clone()))
-        try:
-            ref_clean = logits_of(src(images, tokens))
-        finally:
-            grab.remove()
-
-        def patch(module, args):
-            resid = args[0].clone()
-            resid[:, positions] = stash["x"][:, positions]
-            return (resid,)
-
-        put = block.register_forward_pre_hook(patch)
-        try:
-            ref_patched = logits_of(src(corrupt, tokens))
-        finally:
-            put.remove()
+        ref_clean, ref_patched = reference_patch(block, lambda: logits_of(src(images, tokens)),
+                                                 lambda: logits_of(src(corrupt, tokens)), positions, port="input")
         corrupt_out = logits_of(src(corrupt, tokens))
     assert (ref_patched - corrupt_out).abs().max() > 1e-3
     torch.testing.assert_close(logits_of(clean_out), ref_clean, atol=ATOL, rtol=0)
