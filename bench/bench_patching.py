@@ -92,7 +92,7 @@ def main() -> None:
         sync()
 
     def attribution(steps: int = 1):
-        attribution_patching(model, clean, corrupted, metric, steps=steps)
+        attribution_patching(model, clean, corrupted, metric, steps=steps, progress=False)
         sync()
 
     runs = {"forward+backward": forward_backward, "attribution patching (4 sites)": attribution,

@@ -1,6 +1,6 @@
-"""Shared test set-up. Builders of small random models live in `tests.support` (imported as a
-package: `from tests.support.models import small_timm`); the objects several tests share are
-fixtures here."""
+"""Shared test set-up. Builders of small random models and the reference patcher live in
+`tests.support` (imported as a package: `from tests.support.models import small_timm`); the
+cached objects many tests share are fixtures here."""
 
 import pytest
 import torch
@@ -14,11 +14,3 @@ def analysis_pair():
     from tests.support.pairs import pair
 
     return pair
-
-
-@pytest.fixture
-def reference_patch():
-    """The one hand-written patcher the batched and traced sweeps are checked against."""
-    from tests.support.patcher import reference_patch
-
-    return reference_patch

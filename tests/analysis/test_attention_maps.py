@@ -5,7 +5,7 @@ import torch
 
 import prisma_ext as px
 from prisma_ext.errors import InputError
-from tests.support.pairs import LINEAR, PREFIX, SAME, classes_for, pair
+from tests.support.pairs import LINEAR, PREFIX, SAME, classes_for
 
 
 def _reference_rollout(model, images, fusion="mean", rows=0):
@@ -43,15 +43,15 @@ def _reference_chefer(model, images, classes):
 
 
 @pytest.mark.parametrize("fusion", ["mean", "max"])
-def test_rollout_matches_a_plain_reference(fusion):
-    p = pair("plain")
+def test_rollout_matches_a_plain_reference(fusion, analysis_pair):
+    p = analysis_pair("plain")
     got = px.attention_rollout(p.tl, p.images, head_fusion=fusion)
     torch.testing.assert_close(got.values, _reference_rollout(p.tl, p.images, fusion), atol=1e-6, rtol=0)
     assert got.dims == ("batch", "patch") and got.grid().shape == (3, 4, 4)
 
 
-def test_gradient_attention_matches_plain_autograd():
-    p = pair("plain")
+def test_gradient_attention_matches_plain_autograd(analysis_pair):
+    p = analysis_pair("plain")
     classes = classes_for(p)
     fresh = px.load(p.src)
     expected = _reference_chefer(fresh, p.images, classes)
@@ -60,8 +60,8 @@ def test_gradient_attention_matches_plain_autograd():
 
 
 @pytest.mark.parametrize("variant", PREFIX + ["siglip_map"])
-def test_maps_have_the_grid_shape_on_prefix_layouts(variant):
-    p = pair(variant)
+def test_maps_have_the_grid_shape_on_prefix_layouts(variant, analysis_pair):
+    p = analysis_pair(variant)
     for model in (p.tl, p.nn):
         for result in (px.attention_rollout(model, p.images), px.gradient_attention(model, p.images)):
             assert result.grid().shape == (3, *p.tl.layout.grid)
@@ -70,8 +70,8 @@ def test_maps_have_the_grid_shape_on_prefix_layouts(variant):
 
 
 @pytest.mark.parametrize("variant", LINEAR + ["siglip_map"])
-def test_attention_maps_same_on_both_backends(variant):
-    p = pair(variant)
+def test_attention_maps_same_on_both_backends(variant, analysis_pair):
+    p = analysis_pair(variant)
     classes = classes_for(p)
     for method in (lambda m: px.attention_rollout(m, p.images, head_fusion="min", discard_ratio=0.2),
                    lambda m: px.gradient_attention(m, p.images, classes),
@@ -79,14 +79,14 @@ def test_attention_maps_same_on_both_backends(variant):
         torch.testing.assert_close(method(p.tl).values, method(p.nn).values, **SAME)
 
 
-def test_rollout_reads_the_pooled_row_and_drops_prefix_columns():
+def test_rollout_reads_the_pooled_row_and_drops_prefix_columns(analysis_pair):
     # registers carry flow but get no map entry; the CLS row over all tokens sums to 1
-    p = pair("dinov2_reg4")
+    p = analysis_pair("dinov2_reg4")
     rollout = px.attention_rollout(p.tl, p.images)
     assert rollout.values.shape == (3, p.tl.layout.n_patches)
     assert (rollout.values >= 0).all() and (rollout.values.sum(-1) < 1).all()
     # an average-pool model's map is the mean of the patch rows
-    g = pair("gap_no_cls")
+    g = analysis_pair("gap_no_cls")
     full = _reference_rollout(g.tl, g.images, rows=slice(None))
     torch.testing.assert_close(px.attention_rollout(g.nn, g.images).values, full.mean(1), atol=1e-6, rtol=0)
     # discarding all but the diagonal leaves the identity: each patch 1/n_patches
@@ -94,8 +94,8 @@ def test_rollout_reads_the_pooled_row_and_drops_prefix_columns():
     torch.testing.assert_close(ident.values, torch.full((3, 16), 1 / 16), atol=1e-6, rtol=0)
 
 
-def test_bad_arguments_are_named():
-    p = pair("plain")
+def test_bad_arguments_are_named(analysis_pair):
+    p = analysis_pair("plain")
     with pytest.raises(InputError, match="head_fusion"):
         px.attention_rollout(p.tl, p.images, head_fusion="median")
     with pytest.raises(InputError, match="discard_ratio"):

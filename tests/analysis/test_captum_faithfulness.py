@@ -12,7 +12,7 @@ from prisma_ext.analysis.targets import ClassTarget
 from prisma_ext.errors import InputError
 from tests.support.clip_models import small_open_clip, text_tokens_for
 from tests.support.models import fused_flags, module_hooks
-from tests.support.pairs import PREFIX, SAME, classes_for, pair
+from tests.support.pairs import PREFIX, SAME, classes_for
 from tests.support.trained import trained_shapes_vit
 
 N_TRAINED = 32
@@ -62,8 +62,8 @@ def test_integrated_gradients_completeness_for_a_clip_image_text_score():
 
 
 @pytest.mark.parametrize("variant", ["plain", *PREFIX])
-def test_every_captum_method_on_the_grid_and_same_on_both_backends(variant):
-    p = pair(variant, batch=2)
+def test_every_captum_method_on_the_grid_and_same_on_both_backends(variant, analysis_pair):
+    p = analysis_pair(variant, batch=2)
     classes = classes_for(p)
     for method in METHODS:
         a = px.captum_attribution(p.tl, p.images, classes, method=method, **CHEAP.get(method, {}))
@@ -73,8 +73,8 @@ def test_every_captum_method_on_the_grid_and_same_on_both_backends(variant):
         torch.testing.assert_close(a.values, b.values, **SAME, msg=method)
 
 
-def test_ablation_and_occlusion_give_each_patch_its_effect():
-    p = pair("dinov2_reg4", batch=2)
+def test_ablation_and_occlusion_give_each_patch_its_effect(analysis_pair):
+    p = analysis_pair("dinov2_reg4", batch=2)
     classes = classes_for(p)
     ablation = px.captum_attribution(p.tl, p.images, classes, method="FeatureAblation")
     occlusion = px.captum_attribution(p.tl, p.images, classes, method="occlusion")
@@ -86,8 +86,8 @@ def test_ablation_and_occlusion_give_each_patch_its_effect():
     torch.testing.assert_close(ablation.values[:, 3], drop[torch.arange(2), classes], atol=1e-5, rtol=0)
 
 
-def test_captum_with_logit_difference_and_random_methods_are_seeded():
-    p = pair("plain", batch=2)
+def test_captum_with_logit_difference_and_random_methods_are_seeded(analysis_pair):
+    p = analysis_pair("plain", batch=2)
     diff = px.LogitDiff([1, 2], 0)
     one = px.captum_attribution(p.tl, p.images, diff, method="gradient_shap")
     two = px.captum_attribution(p.tl, p.images, diff, method="gradient_shap")
@@ -99,8 +99,8 @@ def test_captum_with_logit_difference_and_random_methods_are_seeded():
 
 
 # ---------------------------------------------------------------- faithfulness
-def test_faithfulness_curve_ends_are_the_clean_and_baseline_scores():
-    p = pair("plain")
+def test_faithfulness_curve_ends_are_the_clean_and_baseline_scores(analysis_pair):
+    p = analysis_pair("plain")
     classes = classes_for(p)
     maps = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
     result = px.faithfulness(p.tl, p.images, classes, maps=maps)
@@ -120,8 +120,8 @@ def test_faithfulness_curve_ends_are_the_clean_and_baseline_scores():
     torch.testing.assert_close(result.values[:, 0], torch.trapezoid(deletion, x))
 
 
-def test_faithfulness_same_on_both_backends_and_takes_results():
-    p = pair("dinov2_reg4")
+def test_faithfulness_same_on_both_backends_and_takes_results(analysis_pair):
+    p = analysis_pair("dinov2_reg4")
     rollout = px.attention_rollout(p.tl, p.images)
     a = px.faithfulness(p.tl, p.images, maps=rollout, baseline="blur")
     b = px.faithfulness(p.nn, p.images, maps=rollout.grid(), baseline="blur")
@@ -131,8 +131,8 @@ def test_faithfulness_same_on_both_backends_and_takes_results():
     assert c.shape == (3, 1) and len(c.part("curves").coords["step"]) == 4
 
 
-def test_faithfulness_names_bad_maps():
-    p = pair("plain")
+def test_faithfulness_names_bad_maps(analysis_pair):
+    p = analysis_pair("plain")
     with pytest.raises(InputError, match=r"expected \[batch, rows, cols\] = \[3, 4, 4\]"):
         px.faithfulness(p.tl, p.images, maps=torch.rand(3, 3, 3))
     with pytest.raises(InputError, match="NaN"):
@@ -165,20 +165,20 @@ def test_random_maps_delete_worse_than_gradient_maps_on_the_trained_model(traine
         assert masks[torch.arange(N_TRAINED), top].float().mean() >= 0.8, method
 
 
-def test_default_methods_are_those_that_apply():
-    p = pair("plain", batch=2)
+def test_default_methods_are_those_that_apply(analysis_pair):
+    p = analysis_pair("plain", batch=2)
     from prisma_ext.analysis.backend import Backend
     from prisma_ext.analysis.targets import FunctionTarget
 
     backend = Backend.of(p.tl)
     assert _applicable(backend, ClassTarget(0)) == DEFAULT_METHODS
     assert "cls_attribution" not in _applicable(backend, FunctionTarget(lambda out: out[:, 0]))
-    siglip = Backend.of(pair("siglip_map", batch=2).tl)
+    siglip = Backend.of(analysis_pair("siglip_map", batch=2).tl)
     assert "cls_attribution" not in _applicable(siglip, ClassTarget(0))
 
 
-def test_compare_attributions_same_on_both_backends():
-    p = pair("gap_no_cls", batch=2)
+def test_compare_attributions_same_on_both_backends(analysis_pair):
+    p = analysis_pair("gap_no_cls", batch=2)
     methods = [(name, CHEAP.get(name, {})) for name in DEFAULT_METHODS]
     a = px.compare_attributions(p.tl, p.images, methods=methods, curves=("deletion", "insertion", "perturbation"))
     b = px.compare_attributions(p.nn, p.images, methods=methods, curves=("deletion", "insertion", "perturbation"))
@@ -210,8 +210,8 @@ CALLS = {
 
 
 @pytest.mark.parametrize("call", CALLS)
-def test_no_hooks_or_flags_left_even_after_an_error(call):
-    p = pair("dinov2_reg4", batch=2)
+def test_no_hooks_or_flags_left_even_after_an_error(call, analysis_pair):
+    p = analysis_pair("dinov2_reg4", batch=2)
     flags = fused_flags(p.src)
     nan_images = p.images.clone()
     nan_images[0, 0, 0, 0] = float("nan")

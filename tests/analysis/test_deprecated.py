@@ -8,7 +8,7 @@ import torch
 
 import prisma_ext as px
 from tests.support.clip_models import small_open_clip
-from tests.support.pairs import classes_for, pair
+from tests.support.pairs import classes_for
 
 DEPRECATED = pytest.warns(DeprecationWarning, match="deprecated")
 
@@ -24,8 +24,8 @@ def assert_same(a, b):
         torch.testing.assert_close(a[site].values, b[site].values, atol=0, rtol=0)
 
 
-def test_metric_helpers_are_the_targets():
-    p = pair("plain")
+def test_metric_helpers_are_the_targets(analysis_pair):
+    p = analysis_pair("plain")
     clean, corrupted = p.images[:2], p.images[1:]
     with DEPRECATED:
         old = px.metrics.logit_diff(3, [5, 6])
@@ -54,8 +54,8 @@ def test_clip_score_diff_is_an_image_text_score():
         torch.testing.assert_close(got[site].values, want[site].values, atol=1e-5, rtol=1e-6)
 
 
-def test_the_metric_argument_is_the_target():
-    p = pair("plain")
+def test_the_metric_argument_is_the_target(analysis_pair):
+    p = analysis_pair("plain")
     clean, corrupted = p.images[:2], p.images[1:]
     with DEPRECATED:
         old = sweep(p.tl, clean, corrupted, metric=px.LogitDiff(0, 1))
@@ -69,8 +69,8 @@ def test_the_metric_argument_is_the_target():
         sweep(p.tl, clean, corrupted, px.LogitDiff(0, 1), metric=px.LogitDiff(0, 1))
 
 
-def test_faithfulness_in_the_old_order_and_metric_argument():
-    p = pair("plain")
+def test_faithfulness_in_the_old_order_and_metric_argument(analysis_pair):
+    p = analysis_pair("plain")
     classes = classes_for(p)
     maps = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
     new = px.faithfulness(p.tl, p.images, classes, maps=maps, curves="deletion")
@@ -87,10 +87,10 @@ def test_faithfulness_in_the_old_order_and_metric_argument():
         px.faithfulness(p.tl, p.images, classes)
 
 
-def test_viz_heads_computations_moved_to_analysis():
+def test_viz_heads_computations_moved_to_analysis(analysis_pair):
     from prisma_ext.viz import heads
 
-    p = pair("dinov2_reg4")
+    p = analysis_pair("dinov2_reg4")
     new = px.head_patterns(p.tl, p.images)
     with DEPRECATED:
         old = heads.head_patterns(p.tl, p.images)

@@ -7,15 +7,15 @@ import prisma_ext as px
 from prisma_ext.errors import InputError, PrismaError
 from tests.support.clip_models import small_open_clip, text_tokens_for
 from tests.support.models import images_for, small_timm
-from tests.support.pairs import LINEAR, PREFIX, SAME, classes_for, pair
+from tests.support.pairs import LINEAR, PREFIX, SAME, classes_for
 
 ATOL = 1e-4
 
 
 # ---------------------------------------------------------------- logit lens
 @pytest.mark.parametrize("variant", LINEAR + ["siglip_map"])
-def test_lens_last_layer_pooled_readout_is_the_logits(variant):
-    p = pair(variant)
+def test_lens_last_layer_pooled_readout_is_the_logits(variant, analysis_pair):
+    p = analysis_pair(variant)
     for model in (p.tl, p.nn):
         lens = px.logit_lens(model, p.images)
         n_layers, layout = p.tl.cfg.n_layers, p.tl.layout
@@ -28,10 +28,10 @@ def test_lens_last_layer_pooled_readout_is_the_logits(variant):
 
 
 @pytest.mark.parametrize("variant", ["gap_no_cls", "avg_fc_norm"])
-def test_lens_of_an_average_pool_model_pools_before_the_norm(variant):
+def test_lens_of_an_average_pool_model_pools_before_the_norm(variant, analysis_pair):
     # the pooled readout is norm(mean of tokens) or mean(norm of tokens), as the model does it;
     # the mean of the per-token readouts is not the logits when the norm follows the pool
-    p = pair(variant)
+    p = analysis_pair(variant)
     lens = px.logit_lens(p.tl, p.images)
     mean_of_tokens = lens.values[:, -1].mean(1)
     if variant == "gap_no_cls":  # norm on every token, then a linear head: the mean commutes
@@ -41,15 +41,15 @@ def test_lens_of_an_average_pool_model_pools_before_the_norm(variant):
 
 
 @pytest.mark.parametrize("variant", LINEAR)
-def test_lens_same_on_both_backends(variant):
-    p = pair(variant)
+def test_lens_same_on_both_backends(variant, analysis_pair):
+    p = analysis_pair(variant)
     a, b = px.logit_lens(p.tl, p.images), px.logit_lens(p.nn, p.images)
     torch.testing.assert_close(a.values, b.values, **SAME)
     torch.testing.assert_close(a.part("pooled").values, b.part("pooled").values, **SAME)
 
 
-def test_lens_class_subset_summary_and_top_k():
-    p = pair("plain")
+def test_lens_class_subset_summary_and_top_k(analysis_pair):
+    p = analysis_pair("plain")
     full = px.logit_lens(p.tl, p.images)
     sub = px.logit_lens(p.tl, p.images, classes=[4, 1])
     torch.testing.assert_close(sub.values, full.values[..., [4, 1]])
@@ -71,8 +71,8 @@ def test_lens_class_subset_summary_and_top_k():
     assert len(fig.data) == p.tl.cfg.n_layers + 1
 
 
-def test_lens_with_processed_weights_matches_unprocessed():
-    p = pair("plain")
+def test_lens_with_processed_weights_matches_unprocessed(analysis_pair):
+    p = analysis_pair("plain")
     folded = px.load(p.src, fold_ln=True, center_writing_weights=True)
     torch.testing.assert_close(px.logit_lens(folded, p.images).values, px.logit_lens(p.tl, p.images).values,
                                atol=ATOL, rtol=0)
@@ -81,8 +81,8 @@ def test_lens_with_processed_weights_matches_unprocessed():
 # ---------------------------------------------------------------- direct logit attribution
 @pytest.mark.parametrize("variant", LINEAR)
 @pytest.mark.parametrize("by", [("layer",), ("layer", "head"), ("layer", "head", "source")])
-def test_dla_components_sum_to_the_logit(variant, by):
-    p = pair(variant)
+def test_dla_components_sum_to_the_logit(variant, by, analysis_pair):
+    p = analysis_pair(variant)
     classes = classes_for(p)
     dla = px.direct_logit_attribution(p.tl, p.images, classes, by=by)
     expected = p.logits[torch.arange(3), classes]
@@ -103,10 +103,10 @@ def test_dla_components_sum_to_the_logit(variant, by):
 
 @pytest.mark.parametrize("variant", LINEAR)
 @pytest.mark.parametrize("fold_ln", [False, True])
-def test_class_directions_give_the_logits(variant, fold_ln):
+def test_class_directions_give_the_logits(variant, fold_ln, analysis_pair):
     """The one readout's per-image class directions, dotted with the normalised final residual
     stream, give the model's logits (computed here by hand, not by the readout)."""
-    p = pair(variant)
+    p = analysis_pair(variant)
     model = px.load(p.src, fold_ln=fold_ln)
     ids = torch.tensor([0, 3, 6])
     with torch.no_grad():
@@ -126,8 +126,8 @@ def test_class_directions_give_the_logits(variant, fold_ln):
 
 
 @pytest.mark.parametrize("variant", LINEAR)
-def test_dla_same_on_both_backends(variant):
-    p = pair(variant)
+def test_dla_same_on_both_backends(variant, analysis_pair):
+    p = analysis_pair(variant)
     classes = classes_for(p)
     a = px.direct_logit_attribution(p.tl, p.images, classes)
     b = px.direct_logit_attribution(p.nn, p.images, classes)
@@ -136,9 +136,9 @@ def test_dla_same_on_both_backends(variant):
     torch.testing.assert_close(a.part("source").values, b.part("source").values, **SAME)
 
 
-def test_dla_head_split_matches_tl_per_head_results():
+def test_dla_head_split_matches_tl_per_head_results(analysis_pair):
     # an independent route: TL's stacked head results with use_attn_result, at the CLS position
-    p = pair("plain")
+    p = analysis_pair("plain")
     model = px.load(p.src, use_attn_result=True)
     classes = classes_for(p)
     with torch.no_grad():
@@ -154,21 +154,21 @@ def test_dla_head_split_matches_tl_per_head_results():
 
 
 @pytest.mark.parametrize("variant", PREFIX)
-def test_cls_attribution_maps_have_the_grid_shape(variant):
-    p = pair(variant)
+def test_cls_attribution_maps_have_the_grid_shape(variant, analysis_pair):
+    p = analysis_pair(variant)
     source = px.direct_logit_attribution(p.nn, p.images, classes_for(p)).part("source")
     assert source.grid().shape == (3, p.tl.cfg.n_layers, p.tl.cfg.n_heads, *p.tl.layout.grid)
 
 
-def test_dla_logit_difference():
-    p = pair("dinov2_reg4")
+def test_dla_logit_difference(analysis_pair):
+    p = analysis_pair("dinov2_reg4")
     dla = px.direct_logit_attribution(p.tl, p.images, px.LogitDiff(2, [0, 1, 5]))
     expected = p.logits[:, 2] - p.logits[torch.arange(3), torch.tensor([0, 1, 5])]
     torch.testing.assert_close(dla.values.sum(-1), expected, atol=ATOL, rtol=0)
 
 
-def test_dla_default_target_is_the_predicted_class_and_names_work():
-    p = pair("plain")
+def test_dla_default_target_is_the_predicted_class_and_names_work(analysis_pair):
+    p = analysis_pair("plain")
     dla = px.direct_logit_attribution(p.tl, p.images)
     torch.testing.assert_close(dla.values.sum(-1), p.logits.max(-1).values, atol=ATOL, rtol=0)
     model = px.load(p.src)
@@ -207,8 +207,8 @@ def test_dla_of_clip_image_text_score_and_zero_shot_class():
     torch.testing.assert_close(dla.values.sum(-1), expected, atol=ATOL, rtol=0)
 
 
-def test_dla_refuses_what_is_not_linear_with_reasons():
-    p = pair("plain")
+def test_dla_refuses_what_is_not_linear_with_reasons(analysis_pair):
+    p = analysis_pair("plain")
     with pytest.raises(PrismaError, match="attention head"):
         px.direct_logit_attribution(px.load(small_timm("siglip_map")), images_for(small_timm("siglip_map")), 0)
     with pytest.raises(InputError, match="linear readout"):
