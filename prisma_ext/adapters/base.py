@@ -143,9 +143,14 @@ class CLIPAdapter(Adapter):
 
 
 def norm_params(norm: nn.Module) -> tuple | None:
-    """(weight, bias) of a LayerNorm-like module, None for an identity."""
+    """(weight, bias) of a LayerNorm-like module (ones and zeros where it has none), None for an
+    identity."""
     if isinstance(norm, nn.Identity):
         return None
+    import torch
+
     w = norm.weight
-    b = norm.bias if norm.bias is not None else w.new_zeros(w.shape)
+    if w is None:
+        w = torch.ones(norm.normalized_shape, dtype=torch.get_default_dtype())
+    b = norm.bias if norm.bias is not None else torch.zeros_like(w)
     return (w, b)

@@ -68,6 +68,11 @@ def _tower_widths(blocks) -> dict:
                 d_mlp=blk.mlp.c_fc.out_features, act_fn=_act_name(blk.mlp.gelu, "mlp"), eps=blk.ln_1.eps)
 
 
+def _first_set(*values):
+    """The first value that is not None (0 and "" count as set: an eos id of 0 is an id)."""
+    return next((v for v in values if v is not None), None)
+
+
 class TextParts:
     """The text tower's pieces, wherever the CLIP class keeps them."""
 
@@ -80,8 +85,8 @@ class TextParts:
         self.ln_final = src.ln_final
         self.projection = src.text_projection
         self.attn_mask = src.attn_mask
-        self.pool = getattr(src, "pool_type", None) or getattr(model, "text_pool_type", "argmax")
-        self.eos_id = getattr(src, "eos_id", None) or getattr(model, "text_eos_id", None)
+        self.pool = _first_set(getattr(src, "pool_type", None), getattr(model, "text_pool_type", None), "argmax")
+        self.eos_id = _first_set(getattr(src, "eos_id", None), getattr(model, "text_eos_id", None), None)
 
 
 class OpenCLIPAdapter(CLIPAdapter):

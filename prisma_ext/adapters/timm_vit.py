@@ -24,7 +24,14 @@ REFUSED_CLASSES = {
     "MaxxVit": "convolutional stages with block/grid attention (MaxViT)",
 }
 ACT_NAMES = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "ReLU": "relu",
-             "SiLU": "silu"}
+             "SiLU": "silu", "Tanh": "tanh", "Mish": "mish", "Sigmoid": "sigmoid"}
+# timm block and MLP classes we know and refuse, with what makes them differ
+REFUSED_BLOCKS = {"ResPostBlock": "post-norm blocks (the norm after each residual branch)",
+                  "ParallelScalingBlock": "parallel attention and MLP branches",
+                  "ParallelThingsBlock": "parallel attention and MLP branches",
+                  "DiffParallelScalingBlock": "differential attention"}
+REFUSED_MLPS = {"SwiGLU": "a gated MLP (SwiGLU)", "SwiGLUPacked": "a gated MLP (SwiGLU)",
+                "GluMlp": "a gated MLP (GLU)"}
 
 
 def _from_timm(module: nn.Module) -> bool:
@@ -42,19 +49,33 @@ def _act_name(act: nn.Module) -> str:
 
 
 def _is_layer_norm(norm: nn.Module) -> bool:
-    return isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and len(norm.normalized_shape) == 1
+    """A LayerNorm over the last axis, with or without its affine parameters."""
+    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
 
 
 def _norm_eps(norm: nn.Module, where: str, default: float = 1e-6) -> float:
     if isinstance(norm, nn.Identity):
         return default
     if not _is_layer_norm(norm):
-        raise UnsupportedModelError(f"{where} is {type(norm).__name__}; only affine LayerNorm is supported")
+        kind = "RMSNorm" if "rms" in type(norm).__name__.lower() else type(norm).__name__
+        raise UnsupportedModelError(f"{where}: {kind} is not supported (LayerNorm is, with or without "
+                                    "affine parameters)")
     return norm.eps
 
 
 def _bias(linear: nn.Linear):
     return linear.bias
+
+
+def _final_norm(m: nn.Module) -> tuple[str, nn.Module]:
+    """("tokens" | "pooled" | "none", the norm module) as timm's forward applies it. A distilled
+    model's head never calls `fc_norm`, so there only `norm` counts."""
+    distilled = getattr(m, "dist_token", None) is not None
+    if not distilled and not isinstance(m.fc_norm, nn.Identity):
+        return "pooled", m.fc_norm
+    if not isinstance(m.norm, nn.Identity):
+        return "tokens", m.norm
+    return "none", m.norm
 
 
 class TimmViTAdapter(Adapter):
@@ -86,21 +107,32 @@ class TimmViTAdapter(Adapter):
             where = f"timm {type(m).__name__} ({self._arch(m)})"
             raise UnsupportedModelError(f"{where}: {feature} is not supported")
 
-        if type(m.patch_embed) is not PatchEmbed:
-            refuse(f"patch embedding {type(m.patch_embed).__name__} (hybrid CNN stems)")
+        if not isinstance(m.patch_embed, PatchEmbed) or type(m.patch_embed).forward is not PatchEmbed.forward \
+                or not isinstance(m.patch_embed.proj, nn.Conv2d):
+            refuse(f"patch embedding {type(m.patch_embed).__name__} (a hybrid CNN stem, or a patch embedding "
+                   "with its own forward)")
         if not isinstance(m.patch_embed.norm, nn.Identity):
             refuse("a norm inside the patch embedding")
         if m.patch_embed.dynamic_img_pad:
-            refuse("dynamic_img_pad")
-        if m.global_pool not in ("token", "avg", "map"):
-            refuse(f"global_pool={m.global_pool!r} (supported: token, avg, map)")
+            refuse("dynamic_img_pad (padding images to a multiple of the patch size)")
         if m.global_pool == "map":
             self._check_pool(m.attn_pool, refuse)
-        if type(m.norm_pre) not in (nn.Identity,) and not _is_layer_norm(m.norm_pre):
-            refuse(f"norm_pre {type(m.norm_pre).__name__}")
+        elif m.global_pool in ("avgmax", "max"):
+            refuse(f"global_pool={m.global_pool!r} (max pooling is not linear in the tokens)")
+        elif m.global_pool == "":
+            refuse("global_pool='' (no pooling: the model outputs every token)")
+        elif m.global_pool not in ("token", "avg"):
+            refuse(f"global_pool={m.global_pool!r} ({type(getattr(m, 'attn_pool', None)).__name__}; supported: "
+                   "token, avg, map)")
+        if not isinstance(m.norm_pre, nn.Identity):
+            _norm_eps(m.norm_pre, "norm_pre")
+        _norm_eps(_final_norm(m)[1], "the final norm")
         for i, blk in enumerate(m.blocks):
+            kind = type(blk).__name__
+            if kind in REFUSED_BLOCKS:
+                refuse(f"block type {kind}: {REFUSED_BLOCKS[kind]} (blocks.{i})")
             if type(blk) is not Block:
-                refuse(f"block type {type(blk).__name__} (blocks.{i})")
+                refuse(f"block type {kind} (blocks.{i})")
             attn = blk.attn
             if type(attn) is not Attention:
                 refuse(f"attention type {type(attn).__name__}")
@@ -110,8 +142,11 @@ class TimmViTAdapter(Adapter):
                 refuse("scale_attn_norm (a norm inside attention)")
             if getattr(attn, "gate", None) is not None:
                 refuse("gated attention")
+            mlp = type(blk.mlp).__name__
+            if mlp in REFUSED_MLPS:
+                refuse(f"MLP type {mlp}: {REFUSED_MLPS[mlp]}")
             if type(blk.mlp) is not Mlp:
-                refuse(f"MLP type {type(blk.mlp).__name__} (e.g. SwiGLU)")
+                refuse(f"MLP type {mlp}")
             if not isinstance(blk.mlp.norm, nn.Identity):
                 refuse("scale_mlp_norm (a norm inside the MLP)")
             _act_name(blk.mlp.act)
@@ -142,9 +177,7 @@ class TimmViTAdapter(Adapter):
         pre_cfg = getattr(m, "pretrained_cfg", None) or {}
         arch = pre_cfg.get("architecture", "")
         tag = pre_cfg.get("tag")
-        final_norm = "pooled" if not isinstance(m.fc_norm, nn.Identity) else (
-            "tokens" if not isinstance(m.norm, nn.Identity) else "none")
-        final = m.fc_norm if final_norm == "pooled" else m.norm
+        final_norm, final = _final_norm(m)
         n_dist = 1 if getattr(m, "dist_token", None) is not None else 0
         return ViTConfig(
             d_model=m.embed_dim,
@@ -162,7 +195,7 @@ class TimmViTAdapter(Adapter):
             eps_pre=_norm_eps(m.norm_pre, "norm_pre"),
             n_cls=1 if m.cls_token is not None else 0,
             n_dist=n_dist,
-            n_reg=m.num_reg_tokens,
+            n_reg=0 if n_dist else m.num_reg_tokens,  # timm's distilled forward never adds registers
             has_pos_embed=m.pos_embed is not None,
             pos_embed_on_prefix=not m.no_embed_class,
             pos_embed_grid=tuple(m.patch_embed.grid_size),
@@ -195,14 +228,15 @@ class TimmViTAdapter(Adapter):
                 fc2_w=blk.mlp.fc2.weight, fc2_b=_bias(blk.mlp.fc2),
                 ls1=getattr(blk.ls1, "gamma", None), ls2=getattr(blk.ls2, "gamma", None),
             ))
-        final = m.fc_norm if not isinstance(m.fc_norm, nn.Identity) else m.norm
+        _, final = _final_norm(m)
         dist_head = getattr(m, "head_dist", None)
+        dist = getattr(m, "dist_token", None)
         return ViTWeights(
             patch_w=m.patch_embed.proj.weight,
             patch_b=m.patch_embed.proj.bias,
             cls=m.cls_token.reshape(-1) if m.cls_token is not None else None,
-            dist=m.dist_token.reshape(-1) if getattr(m, "dist_token", None) is not None else None,
-            reg=m.reg_token.reshape(-1, m.embed_dim) if m.reg_token is not None else None,
+            dist=dist.reshape(-1) if dist is not None else None,
+            reg=m.reg_token.reshape(-1, m.embed_dim) if m.reg_token is not None and dist is None else None,
             pos_embed=m.pos_embed.reshape(-1, m.embed_dim) if m.pos_embed is not None else None,
             ln_pre=norm_params(m.norm_pre),
             blocks=blocks,

@@ -13,7 +13,7 @@ import torch
 
 from ..layout import TokenLayout
 
-ActFn = Literal["gelu", "gelu_tanh", "quick_gelu", "relu", "silu"]
+ActFn = Literal["gelu", "gelu_tanh", "quick_gelu", "relu", "silu", "tanh", "mish", "sigmoid"]
 Pool = Literal["token", "avg", "map"]
 FinalNorm = Literal["tokens", "pooled", "none"]
 
@@ -100,6 +100,17 @@ class ViTConfig(TowerConfig):
     @property
     def n_prefix(self) -> int:
         return self.n_cls + self.n_dist + self.n_reg
+
+    @property
+    def folds_final_norm(self) -> bool:
+        """Whether `fold_ln` folds the final norm into what reads it linearly (the attention pool's
+        keys and values when it reads normalised tokens, else the projection or the head); a final
+        norm that nothing linear reads (no head, no projection) keeps its weights."""
+        if not self.fold_ln or self.final_norm == "none":
+            return False
+        if self.global_pool == "map" and self.final_norm == "tokens":
+            return True
+        return bool(self.d_proj or self.n_classes)
 
 
 TextPool = Literal["argmax", "eos", "last", "first"]

@@ -21,6 +21,9 @@ ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "relu": F.relu,
     "silu": F.silu,
+    "tanh": torch.tanh,
+    "mish": F.mish,
+    "sigmoid": torch.sigmoid,
 }
 
 

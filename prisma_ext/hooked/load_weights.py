@@ -88,7 +88,7 @@ def load_into(model, weights: ViTWeights) -> None:
         _linear(model.head, weights.head_w, weights.head_b, "head")
     elif weights.head_w is not None:
         raise PrismaError("weights give a classifier head but the config says n_classes=0")
-    if cfg.n_dist:
+    if cfg.n_dist and cfg.n_classes:
         _linear(model.head_dist, weights.head_dist_w, weights.head_dist_b, "head_dist")
 
 

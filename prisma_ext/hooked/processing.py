@@ -65,11 +65,12 @@ def fold_final_norm(weights, readers: list[tuple[object, str, str]]) -> None:
 
 
 def _final_readers(weights: ViTWeights, cfg: ViTConfig) -> list[tuple[object, str, str]]:
-    if cfg.global_pool == "map":
-        return [(weights.attn_pool, "kv_w", "kv_b")]
+    """The linear maps that read the final norm's output (`cfg.folds_final_norm` says whether any does)."""
+    if cfg.global_pool == "map" and cfg.final_norm == "tokens":
+        return [(weights.attn_pool, "kv_w", "kv_b")]  # the pool reads the normalised tokens
     if weights.proj_w is not None:
         return [(weights, "proj_w", "proj_b")]
-    readers = [(weights, "head_w", "head_b")]
+    readers = [(weights, "head_w", "head_b")] if weights.head_w is not None else []
     if weights.head_dist_w is not None:
         readers.append((weights, "head_dist_w", "head_dist_b"))
     return readers
@@ -97,6 +98,11 @@ def _require_final_norm(cfg) -> None:
 
 def center_vit_writes(weights: ViTWeights, cfg: ViTConfig) -> None:
     _require_final_norm(cfg)
+    if cfg.global_pool == "map" and cfg.final_norm != "tokens":
+        raise PrismaError(
+            "center_writing_weights needs every reader of the residual stream to be a norm (which removes "
+            "the mean anyway); here the attention pool reads the final residual stream directly (the final "
+            "norm comes after the pool): load without center_writing_weights")
     weights.patch_w = _centred(weights.patch_w, dim=0)
     if weights.patch_b is not None:
         weights.patch_b = _centred(weights.patch_b)
@@ -120,7 +126,8 @@ def process_weights(weights: ViTWeights, cfg: ViTConfig) -> None:
     fold_layer_scale(weights.blocks)
     if cfg.fold_ln:
         fold_block_norms(weights.blocks)
-        fold_final_norm(weights, _final_readers(weights, cfg))
+        if cfg.folds_final_norm:
+            fold_final_norm(weights, _final_readers(weights, cfg))
     if cfg.center_writing_weights:
         center_vit_writes(weights, cfg)
     if cfg.fold_value_biases:

@@ -50,7 +50,7 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
             self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         if cfg.final_norm != "none":
-            self.ln_final = LayerNorm(cfg.d_model, cfg.eps_final, affine=not cfg.fold_ln)
+            self.ln_final = LayerNorm(cfg.d_model, cfg.eps_final, affine=not cfg.folds_final_norm)
         if cfg.global_pool == "map":
             self.attn_pool = AttentionPool(
                 cfg.d_model, cfg.attn_pool_heads, cfg.attn_pool_latent_len,
@@ -61,7 +61,7 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
             self.hook_image_embed = HookPoint()
         d_head_in = cfg.d_proj or cfg.d_model
         self.head = nn.Linear(d_head_in, cfg.n_classes) if cfg.n_classes else None
-        if cfg.n_dist:
+        if cfg.n_dist and cfg.n_classes:
             self.head_dist = nn.Linear(cfg.d_model, cfg.n_classes)
         self.setup()
 
@@ -115,7 +115,7 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         if self.cfg.d_proj:
             pooled = self.hook_image_embed(self.proj(pooled))
         if return_type == "embeds" or self.head is None:
-            return pooled
+            return pooled.mean(1) if self.cfg.n_dist else pooled  # distilled, no heads: timm averages
         if return_type is None:
             return None
         if self.cfg.n_dist:

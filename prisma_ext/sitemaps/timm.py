@@ -33,10 +33,11 @@ def timm_vit_sites(m: nn.Module) -> dict[str, Site]:
             resid_mid=Site(f"{b}.norm2", "input", in_place=True), ln2=Site(f"{b}.norm2"),
             mlp_pre=Site(f"{b}.mlp.fc1", shape=D_MLP), mlp_post=Site(f"{b}.mlp.act", shape=D_MLP),
             mlp_out=Site(f"{b}.drop_path2"), resid_post=Site(b)))
-    if not isinstance(m.fc_norm, nn.Identity):
+    distilled = getattr(m, "dist_token", None) is not None  # its head reads two tokens apart, never fc_norm
+    if not distilled and not isinstance(m.fc_norm, nn.Identity):
         sites.add("ln_final.hook_normalized", Site("fc_norm", view=Unsqueeze(1), shape="[batch, 1, d_model]"))
     elif not isinstance(m.norm, nn.Identity):
         sites.add("ln_final.hook_normalized", Site("norm"))
-    if getattr(m, "dist_token", None) is None:  # a distilled head reads two tokens apart
+    if not distilled:
         sites.add("hook_pooled", Site("head", "input", shape=POOLED))
     return sites.done()
