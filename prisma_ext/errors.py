@@ -25,6 +25,17 @@ class InputError(PrismaError):
     """Images that the model cannot take (shape, dtype, NaN)."""
 
 
+class IdentityError(PrismaError):
+    """A method's own identity does not hold on this model (the lens's last layer is not the output,
+    DLA's parts do not sum to the score, patching everything does not give the clean run): its
+    numbers would disagree with the model, so none are returned."""
+
+
+def identity_tolerance(reference: float) -> float:
+    """How far an identity may miss in float32: 1e-4 of the size of what it sums, plus 1e-4."""
+    return 1e-4 * (1.0 + abs(reference))
+
+
 def closest(name: str, choices: Iterable[str], n: int = 5) -> list[str]:
     """The `n` names in `choices` most similar to `name`, best first."""
     choices = list(choices)

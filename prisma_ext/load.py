@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import PrismaError
@@ -15,7 +16,7 @@ HOOKED_OPTIONS = ("fold_ln", "center_writing_weights", "fold_value_biases", "use
 
 
 def load(source: str | nn.Module, backend: str = "tl", pretrained: bool | str | os.PathLike = True,
-         remote: bool | str = False, **kwargs: Any):
+         remote: bool | str = False, verify: bool = True, **kwargs: Any):
     """Load a ViT or CLIP model: a hooked model (HookedViT / HookedCLIP, backend "tl") or the
     original module traced by nnsight (TracedViT / TracedCLIP, backend "nnsight").
 
@@ -32,6 +33,9 @@ def load(source: str | nn.Module, backend: str = "tl", pretrained: bool | str | 
     `remote` (nnsight backend, "hf:REPO_ID" CLIP and ViT checkpoints): True to run traces on NDIF,
     "local" for nnsight's local simulation of that round trip; the model is then built without
     weights (a `RemoteTracedCLIP` or `RemoteTracedViT`; `revision=` picks the checkpoint revision).
+    `verify` (default True): check the loaded model against the source's own forward on a small
+    seeded probe (`prisma_ext.verification`) and raise `VerificationError` naming the first block
+    or site that diverges; False skips it (remote models, which hold no weights here, skip it).
     """
     if backend not in BACKENDS:
         raise PrismaError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
@@ -56,8 +60,38 @@ def load(source: str | nn.Module, backend: str = "tl", pretrained: bool | str | 
     from .adapters import adapter_for
 
     adapter = adapter_for(module)
+    name = source if isinstance(source, str) else type(source).__name__
+    _check_device(options.get("device"))
     if backend == "nnsight":
         from .traced.build import wrap
 
-        return wrap(module, adapter, **options)
-    return adapter.to_hooked(module, **options)
+        model = wrap(module, adapter, **options)
+        if verify:
+            from .verification import verify_traced
+
+            with torch.random.fork_rng(devices=[]):
+                verify_traced(adapter, module, model, name)
+        return model
+    with torch.random.fork_rng(devices=[]):  # building the hooked model leaves the global RNG alone
+        model = adapter.to_hooked(module, **options)
+    if verify:
+        from .verification import verify_hooked
+
+        verify_hooked(adapter, module, model, name)
+    return model
+
+
+def _check_device(device: Any) -> None:
+    """A clear error for a device this machine does not have (before anything moves)."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise PrismaError(f"device={device!r} is not a device torch knows ({err})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise PrismaError(f"device={device!r}: no CUDA device is available here (torch.cuda.is_available() is "
+                          "False); load on the CPU (device='cpu') or on a machine with a GPU")
+    if kind == "meta":
+        raise PrismaError("device='meta' holds no weights: prisma-ext converts and checks real weights; for a "
+                          "model without local weights use backend='nnsight' with remote=...")

@@ -74,6 +74,11 @@ class Adapter:
         """Whether `module` has a text tower too (it becomes a HookedCLIP / TracedCLIP)."""
         return False
 
+    def reference_output(self, module: nn.Module, images: Tensor) -> Tensor:
+        """The source's own forward on `images` [batch, C, H, W]: the tensor the converted model's
+        `forward(images)` must equal (`px.load` checks it). Default: `module(images)`."""
+        return module(images)
+
     def site_map(self, module: nn.Module) -> dict[str, Site]:
         """TL site name -> `prisma_ext.sitemaps.Site`, in forward order, for the nnsight backend
         (write it with `prisma_ext.sitemaps.SiteMap`). The default refuses."""
@@ -115,6 +120,16 @@ class CLIPAdapter(Adapter):
         """A `PromptTokenizer`, a zero-argument factory of one (built on first use), or None
         (then prompts must be given as token ids)."""
         return None
+
+    def reference_image_embed(self, module: nn.Module, images: Tensor) -> Tensor:
+        """The source's own image embedding [batch, d_proj] (what `HookedCLIP.encode_image` must equal)."""
+        raise NotImplementedError(f"{type(self).__name__}.reference_image_embed: say how the source embeds "
+                                  "images, so px.load can check the conversion")
+
+    def reference_text_embed(self, module: nn.Module, tokens: Tensor) -> Tensor:
+        """The source's own text embedding [batch, d_proj] of token ids (what `encode_text` must equal)."""
+        raise NotImplementedError(f"{type(self).__name__}.reference_text_embed: say how the source embeds "
+                                  "text, so px.load can check the conversion")
 
     def logit_scale(self, module: nn.Module) -> Tensor:
         """log of the temperature CLIP multiplies cosine similarities by (a scalar)."""

@@ -48,6 +48,11 @@ def encoder_weights(encoder: nn.Module) -> list[BlockWeights]:
     return blocks
 
 
+def _features(out):
+    """get_*_features' embedding: a tensor, or (transformers 5) an output with `pooler_output`."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
 class HFCLIPAdapter(TransformersCLIPAdapter):
     """transformers `CLIPModel` -> HookedCLIP; `CLIPVisionModel` -> HookedViT (pooled output)."""
 
@@ -134,6 +139,15 @@ class HFCLIPAdapter(TransformersCLIPAdapter):
 
     def is_clip(self, model: nn.Module) -> bool:
         return hasattr(model, "text_model")  # CLIPVisionModel: a vision tower alone (HookedViT)
+
+    def reference_output(self, model: nn.Module, images):
+        return model(pixel_values=images).pooler_output  # CLIPVisionModel: the normalised class token
+
+    def reference_image_embed(self, model: nn.Module, images):
+        return _features(model.get_image_features(pixel_values=images))
+
+    def reference_text_embed(self, model: nn.Module, tokens):
+        return _features(model.get_text_features(input_ids=tokens))
 
     def logit_scale(self, model: nn.Module):
         return model.logit_scale

@@ -91,6 +91,10 @@ class HFViTAdapter(TransformersAdapter):
             ln_pre=None, blocks=blocks, ln_final=norm_params(vit.layernorm),
             head_w=head.weight if head is not None else None, head_b=head.bias if head is not None else None)
 
+    def reference_output(self, model: nn.Module, images):
+        out = model(pixel_values=images)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state[:, 0]
+
     def class_names(self, model: nn.Module) -> list[str] | None:
         classifier = getattr(model, "classifier", None)
         labels = getattr(model.config, "id2label", None)

@@ -212,6 +212,12 @@ class OpenCLIPAdapter(CLIPAdapter):
             return None  # an instance whose tokenizer we cannot tell: pass token ids
         return lambda: PromptTokenizer(open_clip_tokenizer(arch, cfg.context_length), cfg.context_length)
 
+    def reference_image_embed(self, model: nn.Module, images):
+        return model.encode_image(images)
+
+    def reference_text_embed(self, model: nn.Module, tokens):
+        return model.encode_text(tokens)
+
     def logit_scale(self, model: nn.Module):
         return model.logit_scale
 

@@ -115,6 +115,9 @@ class TimmViTAdapter(Adapter):
             refuse("a norm inside the patch embedding")
         if m.patch_embed.dynamic_img_pad:
             refuse("dynamic_img_pad (padding images to a multiple of the patch size)")
+        if getattr(m, "dist_token", None) is not None and m.no_embed_class:
+            refuse("VisionTransformerDistilled with no_embed_class=True (timm's own forward fails on it: its "
+                   "position table keeps rows for the prefix tokens that it adds after the positions)")
         if m.global_pool == "map":
             self._check_pool(m.attn_pool, refuse)
         elif m.global_pool in ("avgmax", "max"):

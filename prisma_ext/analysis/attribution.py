@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import IdentityError, InputError, identity_tolerance
 from .backend import Backend
 from .common import check_batch, in_chunks, layout_for
 from .result import AnalysisResult
@@ -47,6 +47,18 @@ def _read_positions(direction: Tensor) -> slice | Tensor:
     if found and found == list(range(found[0], found[-1] + 1)):
         return slice(found[0], found[-1] + 1)
     return torch.tensor(found, dtype=torch.long, device=direction.device)
+
+
+def check_sum(values: Tensor, score: Tensor) -> None:
+    """DLA's identity: the components [batch, component] sum to the score [batch] they split."""
+    size = float(values.abs().sum(-1).max())
+    miss = float((values.sum(-1) - score.to(values)).abs().max())
+    if miss > identity_tolerance(size):
+        raise IdentityError(
+            f"direct_logit_attribution: the components sum to {float(values.sum(-1)[0]):.4g} where the score is "
+            f"{float(score[0]):.4g} (largest miss {miss:.3g} over the batch): the output is not the linear readout "
+            "of the final residual stream the method splits (a hook between the final norm and the output, or a "
+            "head that is not linear). Give the adapter the real head (docs/adapters.md) instead of a hook")
 
 
 def direct_logit_attribution(model: Any, images: Tensor, target: Any = None, *, by: Sequence[str] = BY,
@@ -131,6 +143,7 @@ def _dla(backend: Backend, images: Tensor, target: Target, by: set[str]) -> Anal
         labels.append("bias")
         columns.append(const.to(dq).expand(images.shape[0]))
         values = torch.stack(columns, dim=-1)
+        check_sum(values, score)
 
     layout = layout_for(backend, images)
     names = backend.class_names

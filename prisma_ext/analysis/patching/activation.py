@@ -13,15 +13,36 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import PrismaError
+from ...errors import IdentityError, PrismaError, identity_tolerance
 from ..progress import Progress
 from ..result import ResultSet
 from ..targets import bind
-from .plan import HEAD_SITES, make_jobs, make_plan, site_name
+from .plan import HEAD_SITES, Jobs, make_jobs, make_plan, site_name
+from .positions import PositionGroups
 from .runner import PatchRunner, output_acts, score_rows
 from .target_arg import METRIC_UNSET, patching_target
 
 DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "z")
+
+
+def check_everything_patched(runner: PatchRunner, plan, target, served, m_source: Tensor) -> None:
+    """Patching's identity: the residual stream of every token patched at the first layer gives
+    the source run's score (one extra run per example, through the same machinery as the sweep)."""
+    layer, n = plan.layers[0], plan.n_examples
+    n_tokens = runner.base_cache[site_name("resid_pre", layer)].shape[1]
+    jobs = Jobs(torch.arange(n), torch.zeros(n, dtype=torch.long), torch.full((n,), -1))
+    every = PositionGroups([list(range(n_tokens))], ["every token"], "position")
+    with torch.no_grad():
+        output = runner.outputs("resid_pre", layer, jobs, mask=every.mask(n_tokens))
+        got = score_rows(target, output, jobs.examples, served)
+    size = float(m_source.abs().max())
+    miss = float((got - m_source.to(got)).abs().max())
+    if miss > identity_tolerance(size):
+        raise IdentityError(
+            f"activation_patching: patching every token of blocks.{layer}.hook_resid_pre gives {float(got[0]):.4g} "
+            f"where the unpatched source run gives {float(m_source[0]):.4g} (largest miss {miss:.3g}): the patched "
+            "runs do not continue the forward pass the model runs (a hook the sweep does not see, or a model whose "
+            "output depends on more than its residual stream); no sweep is returned")
 
 
 def activation_patching(model, clean: Tensor, corrupted: Tensor, target: Any = None, *, sites=DEFAULT_SITES,
@@ -50,7 +71,8 @@ def activation_patching(model, clean: Tensor, corrupted: Tensor, target: Any = N
     reuse = be.can_restart if reuse is None else reuse
     if reuse and not be.can_restart:
         raise PrismaError(f"reuse=True restarts the forward pass mid-model, which the {be.kind} backend cannot")
-    names = plan.names() + ([site_name("resid_pre", layer) for layer in plan.layers] if reuse else [])
+    restarts = [site_name("resid_pre", layer) for layer in (plan.layers if reuse else plan.layers[:1])]
+    names = list(dict.fromkeys(plan.names() + restarts))
     n = plan.n_examples
     examples = torch.arange(n)
     with torch.no_grad():
@@ -64,6 +86,7 @@ def activation_patching(model, clean: Tensor, corrupted: Tensor, target: Any = N
     m_clean, m_corr = plan.clean_and_corrupted(m_base, m_source)
 
     runner = PatchRunner(plan, base.acts, source.acts, restart=reuse)
+    check_everything_patched(runner, plan, bound, served, m_source)
     size = plan.chunk_size()
     todo = [(s, layer) for s in plan.sites for layer in plan.layers]
     total = sum(len(make_jobs(n, len(plan.groups), plan.heads if s in HEAD_SITES else None)) for s, _ in todo)

@@ -61,11 +61,12 @@ class PatchRunner:
         n_tokens = next(iter(base_cache.values())).shape[1]
         self.group_mask = plan.groups.mask(n_tokens)
 
-    def outputs(self, site: str, layer: int, jobs: Jobs) -> Tensor:
-        """The outputs [len(jobs), ...] of one chunk of patched runs at (site, layer)."""
+    def outputs(self, site: str, layer: int, jobs: Jobs, mask: Tensor | None = None) -> Tensor:
+        """The outputs [len(jobs), ...] of one chunk of patched runs at (site, layer); `mask`
+        [n_groups, pos]: other position groups than the plan's."""
         be, name = self.plan.backend, site_name(site, layer)
         examples = jobs.examples
-        token_mask = self.group_mask[jobs.groups]
+        token_mask = (self.group_mask if mask is None else mask)[jobs.groups]
         source = self.source_cache[name][examples]
 
         def edit(value: Tensor) -> Tensor:
