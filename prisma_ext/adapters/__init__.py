@@ -6,8 +6,8 @@ adapters first), and one module per source family implements it: `timm_vit`, `op
 tokenizers). Site maps for the nnsight backend are in `prisma_ext.sitemaps`.
 """
 
-from .base import Adapter, CLIPAdapter, norm_params
+from .base import Adapter, CLIPAdapter, conv_patch_weight, norm_params
 from .registry import adapter_for, list_adapters, register_adapter, unregister_adapter
 
-__all__ = ["Adapter", "CLIPAdapter", "norm_params", "adapter_for", "list_adapters", "register_adapter",
-           "unregister_adapter"]
+__all__ = ["Adapter", "CLIPAdapter", "adapter_for", "conv_patch_weight", "list_adapters", "norm_params",
+           "register_adapter", "unregister_adapter"]

@@ -157,6 +157,29 @@ class CLIPAdapter(Adapter):
         return clip.to(device=vcfg.device).eval()
 
 
+def conv_patch_weight(weight: Tensor, patch_size: int | tuple[int, int], in_chans: int,
+                      pixel_order: str = "(p1 p2 c)") -> Tensor:
+    """A Linear patch embedding's weight [d_model, ph * pw * in_chans] as the Conv2d weight
+    [d_model, in_chans, ph, pw] that `ViTWeights.patch_w` takes.
+
+    `pixel_order` says how the Linear layer's input flattens a patch: "(p1 p2 c)" (rows, then
+    columns, then channels fastest: einops' `b c (h p1) (w p2) -> b (h w) (p1 p2 c)`, as in
+    lucidrains' vit-pytorch) or "(c p1 p2)" (channels slowest: a flattened convolution's order).
+    The bias is the Linear layer's bias as it is.
+    """
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    d_model, n_in = weight.shape
+    if n_in != ph * pw * in_chans:
+        raise UnsupportedModelError(f"conv_patch_weight: the Linear layer reads {n_in} values, but a {ph}x{pw} "
+                                    f"patch of {in_chans} channels has {ph * pw * in_chans}")
+    if pixel_order == "(p1 p2 c)":
+        return weight.reshape(d_model, ph, pw, in_chans).permute(0, 3, 1, 2).contiguous()
+    if pixel_order == "(c p1 p2)":
+        return weight.reshape(d_model, in_chans, ph, pw).contiguous()
+    raise UnsupportedModelError(f"conv_patch_weight: pixel_order must be '(p1 p2 c)' or '(c p1 p2)', got "
+                                f"{pixel_order!r}")
+
+
 def norm_params(norm: nn.Module) -> tuple | None:
     """(weight, bias) of a LayerNorm-like module (ones and zeros where it has none), None for an
     identity."""

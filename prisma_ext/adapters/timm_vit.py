@@ -67,6 +67,15 @@ def _bias(linear: nn.Linear):
     return linear.bias
 
 
+def _per_channel(values, in_chans: int) -> tuple[float, ...]:
+    """timm's normalisation statistics for `in_chans` channels: as given when they match; a model
+    made for other channels than its config's (e.g. in_chans=1 from an RGB config) gets their mean."""
+    values = tuple(float(v) for v in values)
+    if len(values) == in_chans:
+        return values
+    return (sum(values) / len(values),) * in_chans
+
+
 def _final_norm(m: nn.Module) -> tuple[str, nn.Module]:
     """("tokens" | "pooled" | "none", the norm module) as timm's forward applies it. A distilled
     model's head never calls `fc_norm`, so there only `norm` counts."""
@@ -211,8 +220,8 @@ class TimmViTAdapter(Adapter):
             attn_pool_latent_len=m.attn_pool.latent_len if m.global_pool == "map" else 1,
             attn_pool_d_mlp=m.attn_pool.mlp.fc1.out_features if m.global_pool == "map" else 0,
             source=f"timm:{arch}{'.' + tag if tag else ''}" if arch else "timm",
-            mean=tuple(pre_cfg.get("mean", (0.5, 0.5, 0.5))),
-            std=tuple(pre_cfg.get("std", (0.5, 0.5, 0.5))),
+            mean=_per_channel(pre_cfg.get("mean", (0.5,)), m.patch_embed.proj.in_channels),
+            std=_per_channel(pre_cfg.get("std", (0.5,)), m.patch_embed.proj.in_channels),
             crop_pct=float(pre_cfg.get("crop_pct", 1.0) or 1.0),
             dtype=m.patch_embed.proj.weight.dtype,
             device=m.patch_embed.proj.weight.device,

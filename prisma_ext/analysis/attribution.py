@@ -95,6 +95,7 @@ def direct_logit_attribution(model: Any, images: Tensor, target: Any = None, *, 
     if not target.linear:
         raise InputError("direct_logit_attribution needs a class, a LogitDiff or an ImageTextScore as target "
                          f"(a linear readout), got {target.describe()}")
+    backend.readout.require_linear("direct_logit_attribution")
     return in_chunks(backend, images, target, batch_size, progress, "direct_logit_attribution",
                      lambda x, bound: _dla(backend, x, bound, by))
 

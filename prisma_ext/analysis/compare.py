@@ -70,7 +70,7 @@ def _runner(spec: Method, seed: int) -> tuple[str, Callable[[Any, Tensor, Target
 
 def _applicable(backend: Backend, target: Target) -> tuple[str, ...]:
     """The default methods that can run on this model and target."""
-    linear = target.linear and backend.cfg.global_pool != "map"
+    linear = target.linear and backend.readout.is_linear
     return tuple(m for m in DEFAULT_METHODS if linear or m != "cls_attribution")
 
 

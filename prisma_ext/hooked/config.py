@@ -16,6 +16,7 @@ from ..layout import TokenLayout
 ActFn = Literal["gelu", "gelu_tanh", "quick_gelu", "relu", "silu", "tanh", "mish", "sigmoid"]
 Pool = Literal["token", "avg", "map"]
 FinalNorm = Literal["tokens", "pooled", "none"]
+HeadType = Literal["linear", "module"]
 
 
 @dataclass(kw_only=True)
@@ -35,6 +36,7 @@ class TowerConfig:
     eps_final: float = 1e-6
     final_norm: FinalNorm = "tokens"
     d_proj: int = 0  # width of a projection after pooling (CLIP's joint space); 0: none
+    attn_scale: float | None = None  # what attention scores are multiplied by; None: d_head ** -0.5
     # weight processing (TransformerLens's options)
     fold_ln: bool = False
     center_writing_weights: bool = False
@@ -66,10 +68,30 @@ class ViTConfig(TowerConfig):
     `final_norm`: "tokens" normalises every token before pooling (timm's `norm`), "pooled"
     normalises the pooled vector (timm's `fc_norm`, CLIP's `ln_post` after pooling), "none" has
     no final norm. `d_proj`: CLIP's image projection; the classifier head (`n_classes`) reads its
-    output when both exist.
+    output when both exist. `head_type`: "linear" (an nn.Linear, `ViTWeights.head_w/head_b`) or
+    "module" (any module after pooling, `ViTWeights.head_module`, e.g. Linear-GELU-Linear; the
+    methods that need a linear readout, such as DLA, then refuse). `mean`/`std`: one value, or
+    one per input channel.
     """
 
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            values = tuple(getattr(self, name))
+            if len(values) == 1:
+                values = values * self.in_chans
+            if len(values) != self.in_chans:
+                from ..errors import PrismaError
+
+                raise PrismaError(f"ViTConfig: {name} has {len(values)} values for {self.in_chans} input channels "
+                                  "(give one per channel, or one for all)")
+            setattr(self, name, values)
+        if self.head_type not in ("linear", "module"):
+            from ..errors import PrismaError
+
+            raise PrismaError(f"ViTConfig: head_type must be 'linear' or 'module', got {self.head_type!r}")
+
     n_classes: int = 0
+    head_type: HeadType = "linear"
     img_size: tuple[int, int] = (224, 224)
     patch_size: tuple[int, int] = (16, 16)
     in_chans: int = 3
@@ -110,7 +132,7 @@ class ViTConfig(TowerConfig):
             return False
         if self.global_pool == "map" and self.final_norm == "tokens":
             return True
-        return bool(self.d_proj or self.n_classes)
+        return bool(self.d_proj or (self.n_classes and self.head_type == "linear"))
 
 
 TextPool = Literal["argmax", "eos", "last", "first"]

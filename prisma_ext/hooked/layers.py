@@ -81,9 +81,10 @@ class Attention(CircuitViews, nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, d_head: int, use_attn_result: bool = False,
-                 causal: bool = False):
+                 causal: bool = False, scale: float | None = None):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_head
+        self.scale = d_head ** -0.5 if scale is None else scale
         self.use_attn_result = use_attn_result
         self.causal = causal
         self.qkv = nn.Linear(d_model, 3 * n_heads * d_head)
@@ -124,7 +125,7 @@ class Attention(CircuitViews, nn.Module):
         if n_query is not None:
             q = q[:, :n_query]
         if is_hooked(self.hook_attn_scores, self.hook_pattern):
-            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.d_head ** -0.5
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
             if self.causal:
                 future = torch.ones(pos, pos, dtype=torch.bool, device=x.device).triu(1)
                 scores = scores.masked_fill(future, float("-inf"))
@@ -132,7 +133,7 @@ class Attention(CircuitViews, nn.Module):
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
         else:
             z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=self.causal)
+                                               is_causal=self.causal, scale=self.scale)
             z = z.transpose(1, 2)
         z = self.hook_z(z)
         if self.use_attn_result:
@@ -173,7 +174,7 @@ class Block(nn.Module):
         super().__init__()
         affine = not cfg.fold_ln
         self.ln1 = LayerNorm(cfg.d_model, cfg.eps, affine)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.use_attn_result, causal)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.use_attn_result, causal, cfg.attn_scale)
         self.ln2 = LayerNorm(cfg.d_model, cfg.eps, affine)
         self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
         for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):

@@ -84,7 +84,15 @@ def load_into(model, weights: ViTWeights) -> None:
         _linear(model.proj, weights.proj_w, weights.proj_b, "proj")
     elif weights.proj_w is not None:
         raise PrismaError("weights give an image projection but the config says d_proj=0")
-    if model.head is not None:
+    if cfg.head_type == "module":
+        if weights.head_module is None or weights.head_w is not None:
+            raise PrismaError("head_type='module' takes the head as ViTWeights.head_module (and no head_w)")
+        if cfg.n_dist:
+            raise PrismaError("head_type='module' with a distillation token: give both heads as Linear layers")
+        model.head = weights.head_module
+    elif weights.head_module is not None:
+        raise PrismaError("weights give head_module but the config says head_type='linear': set head_type='module'")
+    elif model.head is not None:
         _linear(model.head, weights.head_w, weights.head_b, "head")
     elif weights.head_w is not None:
         raise PrismaError("weights give a classifier head but the config says n_classes=0")

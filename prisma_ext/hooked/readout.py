@@ -52,20 +52,32 @@ class Readout:
 
     @property
     def is_linear(self) -> bool:
-        """Whether the pooled vector is a fixed weighting of the tokens (not an attention pool)."""
-        return self.cfg.global_pool != "map"
+        """Whether the output is linear in the normalised final residual stream: the pooled vector a
+        fixed weighting of the tokens (not an attention pool) and the head a linear layer."""
+        return self.cfg.global_pool != "map" and self.cfg.head_type == "linear"
 
     def require_linear(self, what: str) -> None:
-        if not self.is_linear:
+        if self.cfg.global_pool == "map":
             raise PrismaError(
                 f"{what}: this model pools tokens with an attention head (global_pool='map'), which "
                 "is not linear in the residual stream; read `hook_pooled` or the attn_pool sites "
                 "instead of residual directions")
+        if self.cfg.head_type != "linear":
+            raise PrismaError(
+                f"{what} needs a linear head (a linear readout of the residual stream), and this model's head is "
+                f"{type(self.model.head).__name__}; the logit lens, patching and the attention maps read through "
+                "any head")
+
+    @property
+    def pools_linearly(self) -> bool:
+        """Whether the pooled vector is a fixed weighting of the tokens (CLS, average)."""
+        return self.cfg.global_pool != "map"
 
     def token_weights(self, n_tokens: int) -> Tensor:
         """How the pooled vector weighs each token [pos]: CLS one-hot (CLS and distillation 1/2
         each for a distilled model), or the average pool's uniform weights over its tokens."""
-        self.require_linear("token_weights")
+        if not self.pools_linearly:
+            self.require_linear("token_weights")
         weights = torch.zeros(n_tokens)
         if self.cfg.global_pool == "token":
             weights[: 1 + self.cfg.n_dist] = 1.0 / (1 + self.cfg.n_dist)
@@ -139,6 +151,8 @@ class Readout:
     def unembed(self) -> tuple[Tensor, Tensor]:
         """(W_U [d_model, n_classes], b_U [n_classes]): projection and head composed, reading
         the final norm's output."""
+        if self.cfg.head_type != "linear":
+            self.require_linear("the unembedding W_U")
         layers = [m for m in (getattr(self.model, "proj", None), self.model.head) if m is not None]
         if not layers:
             raise PrismaError("this model has no head or projection after pooling: no unembedding")
@@ -219,7 +233,7 @@ class Readout:
         from the final residual stream [batch, pos, d_model]."""
         cfg = self.cfg
         batch, n_tokens, _ = resid.shape
-        if self.is_linear:
+        if self.pools_linearly:
             return self.token_weights(n_tokens).to(resid).expand(batch, -1)
         x = self.normalize(resid) if cfg.final_norm == "tokens" else resid
         pattern = self.model.attn_pool.pattern(x[:, self.pool_start:])  # [batch, head, latent, pos]

@@ -60,7 +60,7 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
             self.proj = nn.Linear(cfg.d_model, cfg.d_proj)
             self.hook_image_embed = HookPoint()
         d_head_in = cfg.d_proj or cfg.d_model
-        self.head = nn.Linear(d_head_in, cfg.n_classes) if cfg.n_classes else None
+        self.head = nn.Linear(d_head_in, cfg.n_classes) if cfg.n_classes and cfg.head_type == "linear" else None
         if cfg.n_dist and cfg.n_classes:
             self.head_dist = nn.Linear(cfg.d_model, cfg.n_classes)
         self.setup()

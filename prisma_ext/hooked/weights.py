@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Norm = tuple[Tensor, Tensor]  # (weight [d], bias [d])
 
@@ -76,6 +76,7 @@ class ViTWeights:
     attn_pool: AttnPoolWeights | None = None
     proj_w: Tensor | None = None  # [d_proj, d]: CLIP's image projection, applied before the head
     proj_b: Tensor | None = None
+    head_module: nn.Module | None = None  # any head after pooling ([..., d] -> [..., n_classes]), instead of head_w
 
 
 @dataclass
@@ -93,6 +94,13 @@ class TextWeights:
 def _map_tensors(obj, fn):
     if isinstance(obj, Tensor):
         return fn(obj)
+    if isinstance(obj, nn.Module):  # a head module: a copy, so the source keeps its own
+        import copy
+
+        module = copy.deepcopy(obj)
+        for param in module.parameters():
+            param.requires_grad_(False)
+        return module
     if isinstance(obj, tuple):
         return tuple(_map_tensors(o, fn) for o in obj)
     if isinstance(obj, list):

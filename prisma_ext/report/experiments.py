@@ -137,7 +137,9 @@ def _minimal_patch(ctx: Context, page: Page, resid) -> None:
 
 
 def _methods(ctx: Context) -> list[str]:
-    ours = [m for m in OUR_METHODS if m != "cls_attribution" or ctx.cfg.global_pool != "map"]
+    from ..analysis.backend import Backend
+
+    ours = [m for m in OUR_METHODS if m != "cls_attribution" or Backend.of(ctx.model).readout.is_linear]
     return [*ours, *CAPTUM_METHODS, *BASELINES]
 
 
