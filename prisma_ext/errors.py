@@ -25,6 +25,14 @@ class InputError(PrismaError):
     """Images that the model cannot take (shape, dtype, NaN)."""
 
 
+class MissingSiteError(PrismaError):
+    """A method reads a site the model's site map does not map (the nnsight backend)."""
+
+    def __init__(self, message: str, sites: list[str] | None = None):
+        super().__init__(message)
+        self.sites = list(sites or [])
+
+
 class IdentityError(PrismaError):
     """A method's own identity does not hold on this model (the lens's last layer is not the output,
     DLA's parts do not sum to the score, patching everything does not give the clean run): its

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..errors import PrismaError
+from ..errors import MissingSiteError, PrismaError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .targets import Target
@@ -254,10 +254,11 @@ class NNsightBackend(Backend):
 
         edit = dict(edit or {})
         model = self.model
-        names = model.select_sites([*edit, *read])
+        names = self._mapped([*edit, *read])
         with torch.set_grad_enabled(grad_of is not None or torch.is_grad_enabled()):
             with model.trace(images):
                 acts = save({})
+                model.prepare(names)
                 for name in names:
                     value = model.site(name)
                     if name in edit:
@@ -268,6 +269,20 @@ class NNsightBackend(Backend):
                 output = save(model.output)
             grads = _grads(grad_of(output), acts) if grad_of is not None else {}
         return Run(output, dict(acts), grads)
+
+
+    def _mapped(self, names: list[str]) -> list[str]:
+        """The sites in forward order; MissingSiteError naming those the site map leaves out."""
+        mapped = set(self.model.site_names)
+        missing = [n for n in dict.fromkeys(names) if n not in mapped]
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            adapter = getattr(self.model.adapter, "name", type(self.model.adapter).__name__)
+            raise MissingSiteError(
+                f"it reads {shown}, which the site map of {type(self.model._module).__name__} (adapter {adapter!r}) "
+                "does not map on the nnsight backend; the adapter can map them in its site_map "
+                "(docs/adapters.md), or load the model with backend='tl'", missing)
+        return self.model.select_sites(names)
 
 
 def weights_copy(model):

@@ -3,14 +3,15 @@ a method over chunks of a batch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from numbers import Integral
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, MissingSiteError
 from ..layout import TokenLayout
 from .backend import Backend
 from .progress import Progress
@@ -59,6 +60,15 @@ def patches_of(values: Tensor, layout: TokenLayout) -> Tensor:
 NO_TARGET: Any = object()  # for a method that explains no score
 
 
+@contextlib.contextmanager
+def naming(method: str) -> Iterator[None]:
+    """Errors about sites a model does not map name the method that needed them."""
+    try:
+        yield
+    except MissingSiteError as err:
+        raise MissingSiteError(f"{method}: {err}", err.sites) from None
+
+
 def in_chunks(backend: Backend, images: Tensor, target: Any, batch_size: int | None, progress: bool, method: str,
               run: Callable[[Tensor, Target | None], AnalysisResult]) -> AnalysisResult:
     """`run(images, bound target)` over chunks of `batch_size` images (None: all at once), the
@@ -66,6 +76,12 @@ def in_chunks(backend: Backend, images: Tensor, target: Any, batch_size: int | N
     passed); results joined."""
     check_batch(images, method)
     batch_size = check_batch_size(batch_size, method)
+    with naming(method):
+        return _in_chunks(backend, images, target, batch_size, progress, method, run)
+
+
+def _in_chunks(backend: Backend, images: Tensor, target: Any, batch_size: int | None, progress: bool, method: str,
+               run: Callable[[Tensor, Target | None], AnalysisResult]) -> AnalysisResult:
     n = images.shape[0]
     size = batch_size or n
     chunks = [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]

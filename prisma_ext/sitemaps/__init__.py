@@ -8,8 +8,9 @@ and `timm`, `open_clip`, `hf` the maps of each source library. Adapters return t
 nnsight or the TL backend.
 """
 
+from .attention import ExplicitMHA, SwapForward, serve
 from .builder import BlockSites, SiteMap
 from .spec import IDENTITY, NOT_MAPPED, Chunk, ConvTokens, FlattenGrid, Heads, SetAttr, Site, TupleItem, Unsqueeze, View
 
-__all__ = ["BlockSites", "Chunk", "ConvTokens", "FlattenGrid", "Heads", "IDENTITY", "NOT_MAPPED", "SetAttr",
-           "Site", "SiteMap", "TupleItem", "Unsqueeze", "View"]
+__all__ = ["BlockSites", "Chunk", "ConvTokens", "ExplicitMHA", "FlattenGrid", "Heads", "IDENTITY", "NOT_MAPPED",
+           "SetAttr", "Site", "SiteMap", "SwapForward", "TupleItem", "Unsqueeze", "View", "serve"]

@@ -53,6 +53,26 @@ def _controller_state(module: nn.Module, path: str) -> Any:
     return state
 
 
+@dataclass(frozen=True)
+class SwapForward:
+    """Prepare a site by running `body(module, *args, **kwargs)` in place of the forward of the
+    module at `module` (dotted path) for one trace. The body computes what the module computes and
+    hands the values no module sees to the trace with `serve(module, key, value)` (using what it
+    returns); a `Site(module, key)` then reads and edits them. For an attention whose softmax is
+    inline, say (docs/adapters.md). Returns the undo, or None if already swapped."""
+
+    module: str
+    body: Any
+
+    def __call__(self, root: nn.Module) -> Undo | None:
+        state = _controller_state(root.get_submodule(self.module), self.module)
+        old = state.body
+        if old is self.body:
+            return None
+        state.body = self.body
+        return lambda: setattr(state, "body", old)
+
+
 # ---------------------------------------------------------------------------- open_clip
 class MHABody:
     """`nn.MultiheadAttention.forward` for batch-first self-attention, computed step by step.

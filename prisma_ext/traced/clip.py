@@ -103,6 +103,7 @@ class TracedCLIP(TracedModel):
                                   f"({self._inputs._names()})")
         with self.trace(*inputs, **kwargs):
             cache = save({})
+            self.prepare(selected)
             for name in selected:
                 cache[name] = self.site(name).detach()
             output = save(self.output)

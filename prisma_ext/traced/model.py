@@ -185,6 +185,7 @@ class TracedModel(NNsight):
         selected = self.select_sites(names_filter)
         with self.trace(images):
             cache = save({})
+            self.prepare(selected)
             for name in selected:
                 cache[name] = self.site(name).detach()
             output = save(self.output)
@@ -220,8 +221,15 @@ class TracedModel(NNsight):
         last = name.rsplit(".", 1)[-1] if isinstance(name, str) else ""
         return f"{last} is not mapped here: {NOT_MAPPED[last]}" if last in NOT_MAPPED else ""
 
-    def _enter(self, name: str, site: Site) -> Any:
-        """The envoy that serves `site`, after running its prepare step for this trace."""
+    def prepare(self, names: NameFilter = None) -> None:
+        """Run the prepare steps of these sites now (inside a trace, before reading any site): a
+        site whose prepare swaps the forward of a module that an earlier site sits in (an inline
+        softmax served by `SwapForward` on its block) must be prepared before that module runs.
+        `run_with_cache` and the analysis methods do this for the sites they read."""
+        for name in self.select_sites(names):
+            self._prepare(name, self._lookup(name))
+
+    def _prepare(self, name: str, site: Site) -> None:
         if not self.interleaver.interleaving:
             raise PrismaError(f"model.site({name!r}) reads a running forward pass: use it inside "
                               "`with model.trace(images):` or a `tracer.invoke(images)` block")
@@ -229,6 +237,10 @@ class TracedModel(NNsight):
             undo = site.prepare(self._module)
             if undo is not None:
                 self._px_undo.append(undo)
+
+    def _enter(self, name: str, site: Site) -> Any:
+        """The envoy that serves `site`, after running its prepare step for this trace."""
+        self._prepare(name, site)
         return self.get(site.module) if site.module else self
 
     # ------------------------------------------------------------------ nnsight hooks

@@ -159,3 +159,74 @@ def test_mean_and_std_must_fit_the_channels():
 
     grey = timm.create_model("vit_tiny_patch16_224", pretrained=False, in_chans=1, img_size=32, depth=1)
     assert len(px.load(grey).cfg.mean) == 1
+
+
+# ---------------------------------------------------------------- the nnsight side of user models
+def inline_attention(module, x):
+    """UserBlock's attention step by step, serving the pattern no module sees (a SwapForward body)."""
+    from prisma_ext.sitemaps import serve
+
+    b, n, d = x.shape
+    blk = module
+    q, k, v = blk.qkv(blk.norm1(x)).view(b, n, 3, blk.heads, -1).permute(2, 0, 3, 1, 4)
+    pattern = serve(blk, "pattern", (q @ k.transpose(-1, -2) * d ** -0.5).softmax(-1))
+    x = x + blk.out((pattern @ v).transpose(1, 2).reshape(b, n, d))
+    return x + blk.mlp(blk.norm2(x))
+
+
+class UserViTWithSites(UserViTAdapter):
+    name = "user-vit-sites"
+
+    def site_map(self, m):
+        from prisma_ext.sitemaps import BlockSites, Site, SiteMap, SwapForward
+
+        sites = SiteMap()
+        for i, _ in enumerate(m.blocks):
+            p = f"blocks.{i}"
+            sites.block(i, BlockSites(
+                resid_pre=Site(p, "input"), ln1=Site(f"{p}.norm1"),
+                pattern=Site(p, "pattern", shape="[batch, head, query, key]", prepare=SwapForward(p, inline_attention)),
+                attn_out=Site(f"{p}.out"), resid_mid=Site(f"{p}.norm2", "input", in_place=True),
+                ln2=Site(f"{p}.norm2"), mlp_out=Site(f"{p}.mlp"), resid_post=Site(p)))
+        return sites.add("ln_final.hook_normalized", Site("norm")).done()
+
+
+def test_an_inline_softmax_is_served_to_the_trace_and_editable():
+    adapter = register_adapter(UserViTWithSites())
+    try:
+        src = randomize_(UserViT().eval(), seed=4)
+        traced, hooked = px.load(src, backend="nnsight"), px.load(src)  # the check compares every site
+    finally:
+        unregister_adapter(adapter.name)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    uniform = torch.full((2, 3, 17, 17), 1 / 17)
+    with torch.no_grad():
+        with traced.trace(x):
+            pattern = traced.site("blocks.0.attn.hook_pattern").save()
+            traced.set_site("blocks.1.attn.hook_pattern", uniform)
+            edited = traced.output.save()
+        _, cache = hooked.run_with_cache(x)
+        want = hooked.run_with_hooks(x, fwd_hooks=[("blocks.1.attn.hook_pattern", lambda v, hook: uniform)])
+    torch.testing.assert_close(pattern, cache["blocks.0.attn.hook_pattern"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(edited, want, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(src(x), hooked(x), atol=1e-4, rtol=1e-4)  # the swap is undone after the trace
+    rollout = px.attention_rollout(traced, x)
+    torch.testing.assert_close(rollout.values, px.attention_rollout(hooked, x).values, atol=1e-5, rtol=0)
+
+
+def test_a_method_names_the_site_a_map_leaves_out():
+    """UserViTWithSites maps no hook_v / hook_z: DLA by source says so, naming the method and the adapter."""
+    adapter = register_adapter(UserViTWithSites())
+    try:
+        traced = px.load(randomize_(UserViT().eval(), seed=4), backend="nnsight")
+    finally:
+        unregister_adapter(adapter.name)
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(PrismaError, match=r"activation_patching: it reads blocks\.0\.attn\.hook_z.*user-vit-sites"):
+        px.activation_patching(traced, x[:1], x[1:], 0, sites="z", progress=False)
+    with pytest.raises(PrismaError, match=r"gradient_attention: .*does not map.*can map them in its site_map"):
+        import unittest.mock
+
+        with unittest.mock.patch.object(type(traced), "site_names", property(lambda self: ["blocks.0.hook_resid_pre"])):
+            px.gradient_attention(traced, x)

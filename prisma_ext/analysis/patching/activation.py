@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ...errors import IdentityError, PrismaError, identity_tolerance
+from ..common import naming
 from ..progress import Progress
 from ..result import ResultSet
 from ..targets import bind
@@ -66,6 +67,13 @@ def activation_patching(model, clean: Tensor, corrupted: Tensor, target: Any = N
     head axis for "z"), and meta holding the clean and corrupted target values.
     """
     target = patching_target(target, metric)
+    with naming("activation_patching"):
+        return _activation(model, clean, corrupted, target, sites, positions, heads, layers, direction,
+                          normalize, reuse, batch_size, progress)
+
+
+def _activation(model, clean, corrupted, target, sites, positions, heads, layers, direction, normalize, reuse,
+                batch_size, progress):
     plan = make_plan(model, clean, corrupted, sites, positions, heads, layers, direction, batch_size)
     be = plan.backend
     reuse = be.can_restart if reuse is None else reuse

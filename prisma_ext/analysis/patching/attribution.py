@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ...errors import InputError
 from ..backend import Backend, Run
+from ..common import naming
 from ..progress import Progress
 from ..result import ResultSet
 from ..targets import Target, bind
@@ -43,6 +44,13 @@ def attribution_patching(model, clean: Tensor, corrupted: Tensor, target: Any = 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive int, got {steps!r}")
     target = patching_target(target, metric)
+    with naming("attribution_patching"):
+        return _attribution(model, clean, corrupted, target, sites, positions, heads, layers, direction,
+                           normalize, steps, batch_size, progress)
+
+
+def _attribution(model, clean, corrupted, target, sites, positions, heads, layers, direction, normalize, steps,
+                 batch_size, progress):
     plan = make_plan(model, clean, corrupted, sites, positions, heads, layers, direction, batch_size)
     be, names = plan.backend, plan.names()
     n = plan.n_examples
