@@ -168,7 +168,9 @@ class Site:
     it, because the forward pass also reads that tensor elsewhere (a residual stream that is
     both a norm's input and the skip connection; the view must share storage with it);
     `prepare`: run before the site is read, once per trace (returns an undo that runs when the
-    trace ends).
+    trace ends); `copy`: the trace reads a copy of the value and the model goes on with a copy of
+    what the trace body left there, for a module that changes the value in place later in its
+    forward (`out += x`: without it, what was read would become the sum).
     """
 
     module: str
@@ -177,6 +179,7 @@ class Site:
     shape: str = "[batch, pos, d_model]"
     in_place: bool = False
     prepare: Callable[[nn.Module], Undo | None] | None = None
+    copy: bool = False
 
 
 # TL sites the nnsight backend leaves out, by their last component, with the reason.

@@ -37,25 +37,37 @@ class _Port:
         self.interleaver = envoy.interleaver
 
 
-def _site_property(site: Site) -> eproperty:
+Watch = Callable[[str, Tensor], None]
+
+
+def _site_property(name: str, site: Site, watch: Watch) -> eproperty:
     """An eproperty serving `site` in TL layout. Its transform hands the (possibly edited) TL
     tensor back to the model when the trace body next asks for anything, so that tensor is what
-    flows on: in-place edits reach the output and `.grad` on it is the real gradient."""
+    flows on: in-place edits reach the output and `.grad` on it is the real gradient. At that hand
+    back `watch(name, value)` records the tensor, so a forward that later changes it in place is
+    caught; with `site.copy` the body holds a copy and the model a copy of what the body left."""
     view = site.view
     prop = eproperty(key=site.port)
+
+    def handed_back(value: Tensor) -> Tensor:
+        watch(name, value)
+        return value.clone() if site.copy else value
+
     if site.port != "input":  # a module's output, or a value a swapped forward serves
         def served(host: _Port, raw: Any) -> Tensor:
-            return view.read(raw)
+            value = view.read(raw)
+            return value.clone() if site.copy else value
 
         def written(host: _Port, value: Tensor, raw: Any) -> Any:
-            return view.write(value, raw)
+            return view.write(handed_back(value), raw)
     else:
         def served(host: _Port, raw: Any) -> Tensor:
-            return view.read(first_input(*raw))
+            value = view.read(first_input(*raw))
+            return value.clone() if site.copy else value
 
         def written(host: _Port, value: Tensor, raw: Any) -> Any:
             args, kwargs = raw
-            return replace_first_input(args, kwargs, view.write(value, first_input(args, kwargs)))
+            return replace_first_input(args, kwargs, view.write(handed_back(value), first_input(args, kwargs)))
     prop(served)
     prop.transform(written)
     return prop
@@ -107,7 +119,7 @@ class TracedModel(NNsight):
         """The envoy state nnsight pickles into a request, without what is rebuilt on arrival
         (adapter, configs, per-trace caches, the analysis layer's copy of the weights)."""
         state = super().__getstate__()
-        state["_px_props"], state["_px_undo"] = {}, []  # a per-process cache; empty between traces
+        state["_px_props"], state["_px_undo"], state["_px_watched"] = {}, [], []  # per-process, per-trace
         state.update(dict.fromkeys(self._PX_DERIVED))
         state.pop("_px_weights_copy", None)  # the analysis layer's local copy of the weights
         return state
@@ -154,12 +166,34 @@ class TracedModel(NNsight):
         """
         site = self._lookup(name)
         envoy = self._enter(name, site)
-        if site.view.identity and site.port in ("output", "input"):
-            return getattr(envoy, site.port)
         prop = self._px_props.get(name)
         if prop is None:
-            prop = self._px_props[name] = _site_property(site)
+            prop = self._px_props[name] = _site_property(name, site, self._px_watch_read)
         return prop.__get__(_Port(envoy))
+
+    def _px_watch_read(self, name: str, value: Tensor) -> None:
+        """Remember a site's tensor and its version when it goes back to the model (see `interleave`)."""
+        self.__dict__.setdefault("_px_watched", []).append((name, value, value._version))
+
+    def _px_note_own_write(self, tensor: Tensor) -> None:
+        """set_site's own in-place write is not the module's: the watched versions of that storage move on."""
+        storage = tensor.untyped_storage().data_ptr()
+        watched = self.__dict__.get("_px_watched", [])
+        for i, (name, value, _) in enumerate(watched):
+            if value.untyped_storage().data_ptr() == storage:
+                watched[i] = (name, value, value._version)
+
+    def _px_check_watched(self) -> None:
+        """A site tensor changed in place after the model took it back: the value read is not what
+        the site computed (a forward that adds in place after it, `x += ...`)."""
+        for name, value, version in self.__dict__.get("_px_watched", []):
+            if value._version != version:
+                raise PrismaError(
+                    f"site {name}: the module changed this tensor in place after the trace read it (its version "
+                    f"counter went from {version} to {value._version}), so what was read is not what the site "
+                    "computed: a forward that adds in place after the site (`x += ...`), or an edit made after a "
+                    "later site was read. An adapter maps such a site with Site(..., copy=True), which reads a "
+                    "copy")
 
     def set_site(self, name: str, value: Tensor) -> None:
         """Replace site `name`'s value (inside a trace); `value` in TL layout, broadcastable to
@@ -173,6 +207,7 @@ class TracedModel(NNsight):
         value = _conform(name, site, value, current)
         if site.in_place:
             current.copy_(value)
+            self._px_note_own_write(current)
         elif named:
             Mediator.swap(location, site.view.write(value, raw))
         else:
@@ -246,9 +281,13 @@ class TracedModel(NNsight):
     # ------------------------------------------------------------------ nnsight hooks
     def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """nnsight's run of one trace; afterwards undo what the sites prepared, even on error."""
+        self.__dict__["_px_watched"] = []
         try:
-            return super().interleave(fn, *args, **kwargs)
+            result = super().interleave(fn, *args, **kwargs)
+            self._px_check_watched()
+            return result
         finally:
+            self.__dict__["_px_watched"] = []
             while self._px_undo:
                 self._px_undo.pop()()
 

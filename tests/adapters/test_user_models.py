@@ -230,3 +230,72 @@ def test_a_method_names_the_site_a_map_leaves_out():
 
         with unittest.mock.patch.object(type(traced), "site_names", property(lambda self: ["blocks.0.hook_resid_pre"])):
             px.gradient_attention(traced, x)
+
+
+# ---------------------------------------------------------------- a forward that adds in place
+class InPlaceBlock(UserBlock):
+    """`out += x`: the attention output's own tensor becomes the residual stream after it is read."""
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-1, -2) * d ** -0.5).softmax(-1)
+        out = self.out((att @ v).transpose(1, 2).reshape(b, n, d))
+        out += x
+        return out + self.mlp(self.norm2(out))
+
+
+def in_place_vit(seed: int = 5) -> UserViT:
+    model = UserViT()
+    for i, blk in enumerate(model.blocks):
+        new = InPlaceBlock(blk.d, blk.heads)
+        new.load_state_dict(blk.state_dict())
+        model.blocks[i] = new
+    return randomize_(model.eval(), seed=seed)
+
+
+def in_place_sites(copy: bool):
+    class Sites(UserViTAdapter):
+        name = f"in-place-{copy}"
+
+        def site_map(self, m):
+            from prisma_ext.sitemaps import BlockSites, Site, SiteMap
+
+            sites = SiteMap()
+            for i, _ in enumerate(m.blocks):
+                p = f"blocks.{i}"
+                sites.block(i, BlockSites(resid_pre=Site(p, "input"), attn_out=Site(f"{p}.out", copy=copy),
+                                          resid_mid=Site(f"{p}.norm2", "input", in_place=True),
+                                          mlp_out=Site(f"{p}.mlp"), resid_post=Site(p)))
+            return sites.done()
+
+    return Sites()
+
+
+def test_a_site_the_module_changes_in_place_is_caught_or_copied():
+    src = in_place_vit()
+    adapter = register_adapter(in_place_sites(copy=False))
+    try:
+        with pytest.raises(PrismaError, match=r"site blocks\.0\.hook_attn_out: the module changed this tensor in "
+                                              r"place.*copy=True"):
+            px.load(src, backend="nnsight")
+        traced = px.load(src, backend="nnsight", verify=False)
+        with pytest.raises(PrismaError, match="changed this tensor in place"):
+            traced.run_with_cache(torch.randn(2, 3, 16, 16))
+    finally:
+        unregister_adapter(adapter.name)
+    adapter = register_adapter(in_place_sites(copy=True))
+    try:
+        traced, hooked = px.load(src, backend="nnsight"), px.load(src)  # the check compares every site
+    finally:
+        unregister_adapter(adapter.name)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        _, got = traced.run_with_cache(x)
+        _, want = hooked.run_with_cache(x)
+        with traced.trace(x):  # an edit of the copied site still reaches the output
+            traced.site("blocks.1.hook_attn_out")[:] = 0
+            zeroed = traced.output.save()
+        want_zeroed = hooked.run_with_hooks(x, fwd_hooks=[("blocks.1.hook_attn_out", lambda v, hook: v * 0)])
+    torch.testing.assert_close(got["blocks.0.hook_attn_out"], want["blocks.0.hook_attn_out"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(zeroed, want_zeroed, atol=1e-5, rtol=0)
