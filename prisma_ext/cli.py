@@ -25,6 +25,14 @@ COMMANDS = ("inspect", "report", "models", "sites")
 REPORT_MODEL = "builtin:shapes-vit"
 
 
+class _Named(argparse.Action):
+    """Stores the value and notes that the user gave it (`<dest>_given`), e.g. an --out they named."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 class _UsageError(ValueError):
     """Bad command-line input found after parsing (reported like any other input error)."""
 
@@ -116,7 +124,9 @@ def _add_report(sub) -> None:
     p.add_argument("--corrupted", default="auto", metavar="auto|blur|PATH|builtin:NAME",
                    help="image for activation patching (default auto: for a scene, the same scene with the "
                         "runner-up class's object in its place; otherwise the image blurred)")
-    p.add_argument("--out", default="report.html", metavar="PATH", help="output file (default: report.html)")
+    p.add_argument("--out", default="report.html", metavar="PATH", action=_Named,
+                   help="output file, replaced if it exists (default: report.html, or report-1.html, ... if that "
+                        "exists: a file you did not name is never replaced)")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes in the prediction table (default: 5)")
     p.add_argument("--random-weights", action="store_true",
                    help="random weights for timm/open_clip/hf sources (offline; the report then explains noise)")
@@ -221,7 +231,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from prisma_ext.report.build import build_report, stderr_log
 
-    build_report(args.model, image=args.image, target=args.target, corrupted=args.corrupted, out=args.out,
+    out = args.out if getattr(args, "out_given", False) else None  # an unnamed default never replaces a file
+    build_report(args.model, image=args.image, target=args.target, corrupted=args.corrupted, out=out,
                  pretrained=not args.random_weights, top_k=args.top_k, log=None if args.quiet else stderr_log)
     return 0
 

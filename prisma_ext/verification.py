@@ -15,13 +15,13 @@ eval mode (its own mode is restored), and nothing is left attached. `verify=Fals
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._state import eval_mode
 from .errors import PrismaError
 
 PROBE_BATCH = 2
@@ -65,18 +65,6 @@ def probe_tokens(cfg: Any, device: Any) -> Tensor:
             tokens[row, end] = end_id
             tokens[row, end + 1:] = 0
     return tokens.to(device)
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """`module` in eval mode inside the block, each submodule's own mode restored after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _param(module: nn.Module) -> Tensor:

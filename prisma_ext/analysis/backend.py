@@ -18,15 +18,17 @@ backends give the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ..errors import MissingSiteError, PrismaError
+from .._state import eval_mode, lock_of
+from ..errors import InputError, MissingSiteError, PrismaError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .targets import Target
@@ -95,6 +97,22 @@ class Backend:
         with torch.no_grad():
             return self.run(images).output
 
+    @property
+    def root(self) -> torch.nn.Module:
+        """The module whose mode and lock a run holds (the hooked model, or the traced source)."""
+        return self.model
+
+    @contextlib.contextmanager
+    def running(self, grad: bool = False) -> Iterator[None]:
+        """One forward pass's hold on the model: its lock (several threads run one pass at a time,
+        since hooks and traces are the model's shared state) and eval mode (dropout off; the
+        model's own modes come back after, also on error)."""
+        if grad and torch.is_inference_mode_enabled():
+            raise InputError("a gradient method cannot run under torch.inference_mode(): call it outside that "
+                             "block (torch.no_grad() is fine for the other methods)")
+        with lock_of(self.root), eval_mode(self.root):
+            yield
+
     def restart(self, resid: Tensor, layer: int, edits: Mapping[str, Edit], rows: Tensor) -> Tensor:
         """The output of the forward pass continued from `blocks.{layer}.hook_resid_pre` = resid
         [n, pos, d_model] with `edits` applied on the way; `rows` [n]: the input example of each
@@ -147,6 +165,15 @@ def _stash_edits(target: Target, edit: Mapping[str, Edit] | None, stash: dict[st
     return edits
 
 
+def _grad_leaf(images: Tensor, grad_of) -> Tensor:
+    """With a gradient asked for: the images as a fresh leaf that requires grad, so every site
+    downstream carries a gradient even when no parameter requires one (a model frozen with
+    requires_grad_(False)); the caller's tensor is untouched."""
+    if grad_of is None or not isinstance(images, Tensor) or not images.is_floating_point():
+        return images
+    return images.detach().requires_grad_(True)
+
+
 def _grads(metric: Tensor, acts: dict[str, Tensor]) -> dict[str, Tensor]:
     names = [n for n, t in acts.items() if t.requires_grad]
     if metric.ndim != 0:
@@ -188,8 +215,10 @@ class TLBackend(Backend):
             return hook
 
         hooks = [(name, make_hook(name)) for name in dict.fromkeys([*edit, *read])]
-        with torch.set_grad_enabled(grad_of is not None or torch.is_grad_enabled()):
-            output = self.vit.run_with_hooks(images, return_type=self.return_type, fwd_hooks=hooks)
+        with self.running(grad=grad_of is not None), \
+                torch.set_grad_enabled(grad_of is not None or torch.is_grad_enabled()):
+            output = self.vit.run_with_hooks(_grad_leaf(images, grad_of), return_type=self.return_type,
+                                             fwd_hooks=hooks)
             grads = _grads(grad_of(output), acts) if grad_of is not None else {}
         return Run(output, acts, grads)
 
@@ -202,7 +231,7 @@ class TLBackend(Backend):
         user_hooks = any(m._forward_hooks or m._forward_pre_hooks for m in tower.blocks[-1].modules())
         readout_only = not user_hooks and not any(name.startswith(last_block) for name in edits)
         hooks = [(name, _as_hook(fn)) for name, fn in edits.items()]
-        with tower.hooks(fwd_hooks=hooks):
+        with self.running(), tower.hooks(fwd_hooks=hooks):
             return self._continue(resid, layer, rows, readout_only)
 
     def _continue(self, resid: Tensor, layer: int, rows: Tensor, readout_only: bool) -> Tensor:
@@ -249,13 +278,19 @@ class NNsightBackend(Backend):
     def __init__(self, model):
         super().__init__(model, weights_copy(model))
 
+    @property
+    def root(self) -> torch.nn.Module:
+        return self.model._module
+
     def run(self, images, read=(), edit=None, grad_of=None) -> Run:
         from nnsight import save
 
         edit = dict(edit or {})
         model = self.model
         names = self._mapped([*edit, *read])
-        with torch.set_grad_enabled(grad_of is not None or torch.is_grad_enabled()):
+        images = _grad_leaf(images, grad_of)
+        with self.running(grad=grad_of is not None), \
+                torch.set_grad_enabled(grad_of is not None or torch.is_grad_enabled()):
             with model.trace(images):
                 acts = save({})
                 model.prepare(names)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
+from ..hooked.inputs import check_images
 from .backend import Backend
 from .common import check_batch, layout_for
 from .progress import Progress
@@ -200,6 +201,7 @@ def faithfulness(model: Any, images: Tensor, target: Any = None, *old_target: An
         raise InputError("faithfulness: give the attribution maps to score, maps=... (an AnalysisResult on the "
                          "grid, or a tensor [batch, rows, cols])")
     backend = Backend.of(model)
+    check_images(images, backend.cfg)  # the images first: a map of the wrong size may follow from them
     layout = layout_for(backend, images)
     flat = as_patch_map(maps, layout, images.shape[0]).to(images.device)
     target = bind(backend, images, target)

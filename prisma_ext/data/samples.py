@@ -60,10 +60,28 @@ def sample_image(name: str = "chelsea") -> np.ndarray:
     return _to_rgb_uint8(getattr(skdata, name)(), f"sample image {name!r}")
 
 
+def _to_rgb(im):
+    """A PIL image as 8-bit RGB. 16- and 32-bit greyscale (modes I;16*, I, F) are scaled to 0-255 by
+    their bit depth (PIL's own convert("RGB") clips them, turning most 16-bit images white)."""
+    import numpy as np
+    from PIL import Image
+
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or (mode == "I" and values.max() > 255) else 255.0
+        if mode == "F":
+            top = 1.0 if values.max() <= 1.0 else 255.0
+        grey = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image file (any format Pillow reads) as an ``H x W x 3`` ``uint8`` RGB array.
 
-    Greyscale, palette and RGBA images are converted to RGB (alpha is dropped). A missing
+    Greyscale, palette and RGBA images are converted to RGB (alpha is dropped); 16-bit greyscale
+    is scaled by its bit depth, not clipped. A missing
     path, a directory, or a file that is not an image raises a ``ValueError``
     (``prisma_ext.errors.PrismaError``) that names the path.
     """
@@ -78,7 +96,7 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            rgb = im.convert("RGB")
+            rgb = _to_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise _error(
             f"not a readable image file: {path!r} ({type(exc).__name__}: {exc}); "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -18,6 +20,11 @@ def check_images(images: Tensor, cfg: ViTConfig) -> None:
     if not images.is_floating_point():
         raise InputError(f"expected floating-point images (normalised, e.g. model.preprocess(img)), "
                          f"got dtype {images.dtype}")
+    if images.dtype != cfg.dtype:
+        raise InputError(f"images are {images.dtype} and the model {cfg.dtype}: convert them, "
+                         f"images.to({cfg.dtype})")
+    if images.is_meta:
+        raise InputError("images are on the meta device (no values): pass real images")
     if images.ndim != 4:
         hint = " (add a batch axis: images[None])" if images.ndim == 3 else ""
         raise InputError(f"expected images of shape [batch, {cfg.in_chans}, H, W], got "
@@ -36,5 +43,11 @@ def check_images(images: Tensor, cfg: ViTConfig) -> None:
             f"expected images of {cfg.img_size[0]}x{cfg.img_size[1]} (this model's fixed size), got "
             f"{height}x{width}; resize them, or load the model with img_size={height} (timm "
             f"resamples the position embeddings) or dynamic_img_size=True")
+    if images.shape[0] == 0:
+        raise InputError(f"got an empty batch of images {tuple(images.shape)}")
     if not torch.isfinite(images).all():
         raise InputError("images contain NaN or infinite values")
+    if images.min() >= 0 and images.max() > 10:
+        warnings.warn(f"images range over [0, {float(images.max()):.0f}]: they look like 0-255 pixel values, "
+                      "not normalised ones; the model expects what model.preprocess(image) gives",
+                      UserWarning, stacklevel=3)

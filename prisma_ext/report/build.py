@@ -48,6 +48,17 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def default_out(folder: str | os.PathLike = ".") -> Path:
+    """Where a report goes when nobody named a file: report.html, or the first of report-1.html,
+    report-2.html, ... that does not exist (a file the user did not name is never replaced)."""
+    folder = Path(folder)
+    path, n = folder / DEFAULT_OUT, 0
+    while path.exists():
+        n += 1
+        path = folder / f"{Path(DEFAULT_OUT).stem}-{n}{Path(DEFAULT_OUT).suffix}"
+    return path
+
+
 def check_out(out: str | os.PathLike) -> Path:
     """The output path, checked before any work: not a directory, in a folder that exists."""
     path = Path(out).expanduser()
@@ -210,20 +221,23 @@ def _sections() -> tuple:
 
 
 def build_report(model: Any = DEFAULT_MODEL, image: str | None = None, target: str | int | None = None,
-                 corrupted: str = "auto", out: str | os.PathLike = DEFAULT_OUT, pretrained: bool = True,
+                 corrupted: str = "auto", out: str | os.PathLike | None = None, pretrained: bool = True,
                  top_k: int = 5, log: Log | None = stderr_log) -> Report:
     """Check the inputs, run every section, write one HTML file. See the module docstring.
 
     model: a source name (builtin:shapes-vit, timm:NAME, open_clip:ARCH/TAG, hf:REPO) or a
     loaded model; image: a path or builtin:NAME (default: a scene of the model's classes, or
     scikit-image's cat); target: a class name or index (default: the top class); corrupted:
-    "auto", "blur", a path or builtin:NAME (see `prisma_ext.viz.inputs`); log: progress
-    lines (default: stderr; None: quiet).
+    "auto", "blur", a path or builtin:NAME (see `prisma_ext.report.inputs`); out: the file (replaced if
+    it exists: you named it; default: report.html, or report-1.html ... when that exists); log:
+    progress lines (default: stderr; None: quiet).
     """
     from .page import Page
 
     say = log or (lambda _: None)
-    path = check_out(out)
+    path = check_out(out if out is not None else default_out())
+    if out is None and path.name != DEFAULT_OUT:
+        say(f"{DEFAULT_OUT} exists and --out names no file: writing {path} instead (--out PATH names the file)")
     start = time.perf_counter()
     ctx = prepare(model, image, target, corrupted, pretrained, top_k)
     say(f"{ctx.source} on {ctx.clean.name}, target {ctx.name(ctx.target)!r}, corrupted {ctx.corrupted.name}")

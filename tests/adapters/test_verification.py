@@ -83,7 +83,8 @@ def test_a_head_left_out_fails_at_load():
 
     register_adapter(NoHead)
     try:
-        with pytest.raises(VerificationError, match=r"has shape \(2, 24\) where the source's own forward gives \(2, 5\)"):
+        shapes = r"has shape \(2, 24\) where the source's own forward gives \(2, 5\)"
+        with pytest.raises(VerificationError, match=shapes):
             px.load(randomize_(TinyViT().eval(), seed=1))
     finally:
         unregister_adapter("no-head")

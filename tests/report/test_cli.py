@@ -230,3 +230,21 @@ def test_readme_first_lines_are_the_two_commands_and_ci_runs_the_second():
     assert second == "bash scripts/setup.sh --test && .venv/bin/python -m pytest -q"
     ci = root.joinpath(".ci", "run").read_text()
     assert "sed -n 2p README.md" in ci and 'exec bash -c "$command_line"' in ci
+
+
+@pytest.mark.parametrize(("mode", "top"), [("I;16", 65535), ("L", 255), ("P", 255), ("RGBA", 255), ("RGB", 255)])
+def test_deep_and_paletted_images_keep_their_values(tmp_path, mode, top):
+    """PIL's convert("RGB") clips 16-bit greyscale to white: a mid-grey 16-bit PNG came out blank."""
+    from PIL import Image
+
+    ramp = np.linspace(0, top, 7 * 9).reshape(7, 9)
+    path = tmp_path / f"ramp-{mode.replace(';', '')}.png"
+    if mode == "I;16":  # a 16-bit greyscale PNG (PNG stores it as I;16; PIL reads it back so)
+        Image.fromarray(ramp.astype(np.uint16)).save(path)
+        assert Image.open(path).mode == "I;16"
+    else:
+        Image.fromarray(ramp.astype(np.uint8), mode="L").convert(mode).save(path)
+    img = load_image(path)
+    assert img.shape == (7, 9, 3) and img.dtype == np.uint8
+    np.testing.assert_allclose(img[..., 0].astype(float), np.round(ramp / top * 255), atol=1)
+    assert img.min() == 0 and img.max() == 255  # a ramp, not a white page

@@ -155,3 +155,19 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     report.write_atomic(tmp_path / "report.html", "<html></html>")
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_the_default_output_never_replaces_a_file_nobody_named(tmp_path, monkeypatch):
+    """`prisma-ext report` without --out replaced an existing report.html; now it picks the next
+    free name and says so; a file named with --out is replaced, as asked."""
+    from prisma_ext.report.build import default_out
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "report.html").write_text("mine")
+    (tmp_path / "report-1.html").write_text("mine too")
+    assert default_out().name == "report-2.html"
+    seen = []
+    monkeypatch.setattr("prisma_ext.report.build.build_report", lambda *a, **k: seen.append(k["out"]))
+    assert cli.main(["report"]) == 0 and seen[-1] is None  # the default: build_report picks the free name
+    assert cli.main(["report", "--out", "report.html"]) == 0 and seen[-1] == "report.html"
+    assert (tmp_path / "report.html").read_text() == "mine"

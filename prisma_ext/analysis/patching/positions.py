@@ -79,7 +79,10 @@ def resolve_positions(spec, layout: TokenLayout, n_tokens: int | None = None, gr
         if not group:
             raise PrismaError("the position mask selects no patch")
         return PositionGroups([group], ["mask"], "position")
-    items = list(spec)
+    if isinstance(spec, (bytes, float)) or not hasattr(spec, "__iter__"):
+        raise PrismaError(f"positions: expected 'all', 'prefix', 'patches', 'rows', 'cols', a patch-grid mask, token "
+                          f"indices, groups of them or a dict label -> indices, got {spec!r}")
+    items = spec.tolist() if hasattr(spec, "tolist") else list(spec)
     if not items:
         raise PrismaError("no positions given")
     if all(isinstance(i, (int, np.integer)) for i in items):
