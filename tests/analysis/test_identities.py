@@ -48,7 +48,7 @@ def test_a_broken_restart_is_caught(monkeypatch):
     before = px.activation_patching(model, images[:1], images[1:], px.LogitDiff(0, 1), sites="mlp_out", layers=[1],
                                     progress=False)
     monkeypatch.setattr(TLBackend, "_continue", skips_the_last_block)
-    with pytest.raises(IdentityError, match=r"patching every token of blocks\.1\.hook_resid_pre"):
+    with pytest.raises(IdentityError, match=r"patching every token of blocks\.1\.hook_resid_pre"):  # layer 1
         px.activation_patching(model, images[:1], images[1:], px.LogitDiff(0, 1), sites="mlp_out", layers=[1],
                                progress=False)
     assert before["mlp_out"].values.shape == (1, 1, model.layout.n_tokens)

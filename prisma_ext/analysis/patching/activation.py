@@ -27,9 +27,10 @@ DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "z")
 
 
 def check_everything_patched(runner: PatchRunner, plan, target, served, m_source: Tensor) -> None:
-    """Patching's identity: the residual stream of every token patched at the first layer gives
-    the source run's score (one extra run per example, through the same machinery as the sweep)."""
-    layer, n = plan.layers[0], plan.n_examples
+    """Patching's identity: the residual stream of every token patched gives the source run's
+    score (one extra run per example through the same machinery as the sweep, at the deepest
+    planned layer, where a restart costs least)."""
+    layer, n = max(plan.layers), plan.n_examples
     n_tokens = runner.base_cache[site_name("resid_pre", layer)].shape[1]
     jobs = Jobs(torch.arange(n), torch.zeros(n, dtype=torch.long), torch.full((n,), -1))
     every = PositionGroups([list(range(n_tokens))], ["every token"], "position")
@@ -79,7 +80,7 @@ def _activation(model, clean, corrupted, target, sites, positions, heads, layers
     reuse = be.can_restart if reuse is None else reuse
     if reuse and not be.can_restart:
         raise PrismaError(f"reuse=True restarts the forward pass mid-model, which the {be.kind} backend cannot")
-    restarts = [site_name("resid_pre", layer) for layer in (plan.layers if reuse else plan.layers[:1])]
+    restarts = [site_name("resid_pre", layer) for layer in (plan.layers if reuse else [max(plan.layers)])]
     names = list(dict.fromkeys(plan.names() + restarts))
     n = plan.n_examples
     examples = torch.arange(n)
