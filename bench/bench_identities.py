@@ -69,8 +69,9 @@ def main() -> None:
     whole = {"all tokens": list(range(model.layout.n_tokens))}
     calls = {
         "logit_lens (batch 4)": ("logit_lens", lambda: px.logit_lens(model, images)),
-        "direct_logit_attribution by source (batch 4)": ("direct_logit_attribution", lambda: px.direct_logit_attribution(
-            model, images, by=("layer", "head", "source"))),
+        "direct_logit_attribution by source (batch 4)": (
+            "direct_logit_attribution",
+            lambda: px.direct_logit_attribution(model, images, by=("layer", "head", "source"))),
         "activation_patching resid_pre, every layer x rows": ("activation_patching", lambda: px.activation_patching(
             model, clean, corrupted, px.LogitDiff(3, 7), sites="resid_pre", positions="rows", progress=False)),
         "activation_patching attn_out, mlp_out, z, all tokens": ("activation_patching", lambda: px.activation_patching(

@@ -102,6 +102,18 @@ class Backend:
         """The module whose mode and lock a run holds (the hooked model, or the traced source)."""
         return self.model
 
+    def check_devices(self, images: Tensor) -> None:
+        """Images on the device the model's weights are on (meta weights are none at all)."""
+        param = next(self.root.parameters(), None)
+        if param is None or not isinstance(images, Tensor):
+            return
+        if param.is_meta:
+            raise InputError("the model's weights are on the meta device (none are loaded here): the analysis "
+                             "methods need real weights")
+        if images.device != param.device:
+            raise InputError(f"images are on {images.device} and the model on {param.device}: move them, "
+                             f"images.to({str(param.device)!r})")
+
     @contextlib.contextmanager
     def running(self, grad: bool = False) -> Iterator[None]:
         """One forward pass's hold on the model: its lock (several threads run one pass at a time,
@@ -215,6 +227,7 @@ class TLBackend(Backend):
             return hook
 
         hooks = [(name, make_hook(name)) for name in dict.fromkeys([*edit, *read])]
+        self.check_devices(images)
         with self.running(grad=grad_of is not None), \
                 torch.set_grad_enabled(grad_of is not None or torch.is_grad_enabled()):
             output = self.vit.run_with_hooks(_grad_leaf(images, grad_of), return_type=self.return_type,
@@ -288,6 +301,7 @@ class NNsightBackend(Backend):
         edit = dict(edit or {})
         model = self.model
         names = self._mapped([*edit, *read])
+        self.check_devices(images)
         images = _grad_leaf(images, grad_of)
         with self.running(grad=grad_of is not None), \
                 torch.set_grad_enabled(grad_of is not None or torch.is_grad_enabled()):
@@ -301,7 +315,7 @@ class NNsightBackend(Backend):
                         model.set_site(name, value)
                     if name in read:
                         acts[name] = value
-                output = save(model.output)
+                output = save(_tensor_output(model.output))
             grads = _grads(grad_of(output), acts) if grad_of is not None else {}
         return Run(output, dict(acts), grads)
 
@@ -318,6 +332,15 @@ class NNsightBackend(Backend):
                 "does not map on the nnsight backend; the adapter can map them in its site_map "
                 "(docs/adapters.md), or load the model with backend='tl'", missing)
         return self.model.select_sites(names)
+
+
+def _tensor_output(output):
+    """The model's output as the tensor the analysis reads: a Hugging Face classifier's `logits`,
+    a model without a head its `pooler_output` (else the output itself)."""
+    for name in ("logits", "pooler_output"):
+        if not isinstance(output, Tensor) and hasattr(output, name):
+            return getattr(output, name)
+    return output
 
 
 def weights_copy(model):

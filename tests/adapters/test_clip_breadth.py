@@ -59,3 +59,21 @@ def test_config_is_reproduced_or_refused(name):
         torch.testing.assert_close(clip.encode_text(tokens), src.encode_text(tokens), atol=1e-4, rtol=0)
         ref, _ = src.get_logits(images, tokens)
         torch.testing.assert_close(clip(images, tokens), ref, atol=1e-4, rtol=0)
+
+
+def test_text_pooling_at_an_eos_id_of_zero():
+    """Fuzzer finding: open_clip CustomTextCLIP with pool_type='eos', eos_id=0: encode_text was wrong
+    by 1.1 (`getattr(...) or default` read the id 0 as missing)."""
+    from open_clip.model import CustomTextCLIP
+
+    from tests.support.models import randomize_
+
+    model = randomize_(CustomTextCLIP(embed_dim=24, vision_cfg=dict(width=48, layers=1, head_width=16, image_size=32,
+                                                                    patch_size=8),
+                                      text_cfg=dict(width=32, heads=2, layers=1, context_length=12, vocab_size=100,
+                                                    pool_type="eos", eos_id=0)).eval(), seed=3)
+    tokens = torch.tensor([[5, 7, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0], [4, 8, 2, 6, 11, 0, 0, 0, 0, 0, 0, 0]])
+    hooked = px.load(model)
+    assert hooked.text.cfg.pool == "eos" and hooked.text.cfg.eos_id == 0
+    with torch.no_grad():
+        torch.testing.assert_close(hooked.encode_text(tokens), model.encode_text(tokens), atol=1e-4, rtol=1e-4)

@@ -178,3 +178,37 @@ def test_refusals_name_the_feature(tmp_path):
     src.save_pretrained(tmp_path / "mim")
     with pytest.raises(PrismaError, match="remote tracing takes ViTForImageClassification"):
         px.load(f"hf:{tmp_path / 'mim'}", backend="nnsight", remote="local")
+
+
+def test_the_analysis_layer_on_a_traced_hugging_face_vit():
+    """The traced classifier's output is an ImageClassifierOutput: the methods read its logits."""
+    src = small_vit(seed=8)
+    images = images_for(src)
+    tl, nn = px.load(src), px.load(src, backend="nnsight")
+    for method in (lambda m: px.direct_logit_attribution(m, images, 1, by=("layer", "head", "source")),
+                   lambda m: px.logit_lens(m, images), lambda m: px.gradient_attention(m, images, 2)):
+        torch.testing.assert_close(method(nn).values, method(tl).values, atol=1e-5, rtol=1e-5)
+    a = px.activation_patching(tl, images[:1], images[1:], px.LogitDiff(0, 1), sites="z", progress=False)
+    b = px.activation_patching(nn, images[:1], images[1:], px.LogitDiff(0, 1), sites="z", progress=False)
+    torch.testing.assert_close(b["z"].values, a["z"].values, atol=1e-5, rtol=0)
+
+
+def test_fold_ln_on_a_model_without_head_keeps_the_final_norm(tmp_path):
+    """Fuzzer finding: fold_ln=True on HF ViTModel / CLIPVisionModel (nothing linear reads the final
+    norm) raised AttributeError in processing."""
+    from tests.support.clip_models import small_hf_clip
+
+    bare = small_vit(seed=7, cls=ViTModel, add_pooling_layer=False)
+    images = images_for(bare)
+    with torch.no_grad():
+        torch.testing.assert_close(px.load(bare, fold_ln=True)(images),
+                                   bare(pixel_values=images).last_hidden_state[:, 0], atol=1e-4, rtol=1e-4)
+    from transformers import CLIPVisionModel
+
+    clip = small_hf_clip(seed=3)
+    vision = CLIPVisionModel(clip.config.vision_config).eval()
+    vision.load_state_dict(clip.vision_model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(px.load(vision, fold_ln=True)(x), vision(pixel_values=x).pooler_output,
+                                   atol=1e-4, rtol=1e-4)

@@ -202,3 +202,13 @@ def test_gradient_methods_on_a_frozen_model(plain):
         torch.testing.assert_close(px.gradient_attention(traced, clean, 0).values, want, atol=1e-5, rtol=0)
     finally:
         src.requires_grad_(True)
+
+
+def test_a_model_on_the_meta_device_or_another_device_is_named(plain):
+    src, model, clean, _ = plain
+    meta = px.load(src)
+    meta.to("meta")
+    with pytest.raises(InputError, match="weights are on the meta device"):
+        px.logit_lens(meta, clean)
+    with pytest.raises(InputError, match="images are on meta and the model on cpu"):
+        px.direct_logit_attribution(model, clean.to("meta"))

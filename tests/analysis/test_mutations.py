@@ -40,7 +40,7 @@ def test_per_source_dla_equals_zero_ablating_that_source_value():
                         return v
 
                     ablated_out = {}
-                    keep = lambda x, hook: ablated_out.update(x=x[:, 0])  # noqa: E731
+                    keep = lambda x, hook, out=ablated_out: out.update(x=x[:, 0])  # noqa: E731
                     with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_v", ablate),
                                                 (f"blocks.{layer}.hook_attn_out", keep)]):
                         model(images)
