@@ -44,6 +44,15 @@ def identity_tolerance(reference: float) -> float:
     return 1e-4 * (1.0 + abs(reference))
 
 
+def check_identity(got, want, explain, size: float | None = None) -> None:
+    """Raise IdentityError(explain(miss, size)) unless tensors `got` and `want` agree within
+    `identity_tolerance(size)` (size: the largest |want| unless given)."""
+    size = float(want.detach().abs().max()) if size is None else size
+    miss = float((got - want.to(got)).abs().max())
+    if miss > identity_tolerance(size):
+        raise IdentityError(explain(miss, size))
+
+
 def closest(name: str, choices: Iterable[str], n: int = 5) -> list[str]:
     """The `n` names in `choices` most similar to `name`, best first."""
     choices = list(choices)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import IdentityError, InputError, identity_tolerance
+from ..errors import InputError, check_identity
 from .backend import Backend
 from .common import check_batch, in_chunks, layout_for
 from .result import AnalysisResult
@@ -51,14 +51,12 @@ def _read_positions(direction: Tensor) -> slice | Tensor:
 
 def check_sum(values: Tensor, score: Tensor) -> None:
     """DLA's identity: the components [batch, component] sum to the score [batch] they split."""
-    size = float(values.abs().sum(-1).max())
-    miss = float((values.sum(-1) - score.to(values)).abs().max())
-    if miss > identity_tolerance(size):
-        raise IdentityError(
-            f"direct_logit_attribution: the components sum to {float(values.sum(-1)[0]):.4g} where the score is "
-            f"{float(score[0]):.4g} (largest miss {miss:.3g} over the batch): the output is not the linear readout "
-            "of the final residual stream the method splits (a hook between the final norm and the output, or a "
-            "head that is not linear). Give the adapter the real head (docs/adapters.md) instead of a hook")
+    check_identity(values.sum(-1), score, lambda miss, size: (
+        f"direct_logit_attribution: the components sum to {float(values.sum(-1)[0]):.4g} where the score is "
+        f"{float(score[0]):.4g} (largest miss {miss:.3g} over the batch): the output is not the linear readout "
+        "of the final residual stream the method splits (a hook between the final norm and the output, or a "
+        "head that is not linear). Give the adapter the real head (docs/adapters.md) instead of a hook"),
+                   size=float(values.abs().sum(-1).max()))
 
 
 def direct_logit_attribution(model: Any, images: Tensor, target: Any = None, *, by: Sequence[str] = BY,

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import IdentityError, InputError, PrismaError, identity_tolerance
+from ..errors import InputError, PrismaError, check_identity
 from .backend import Backend
 from .common import check_batch, in_chunks, layer_labels, layout_for, resid_sites
 from .result import AnalysisResult
@@ -169,14 +169,11 @@ def _lens(backend: Backend, images: Tensor, target: Target, ids: Tensor | None) 
 
 def check_last_layer(readout: Tensor, output: Tensor) -> None:
     """The lens's identity: its pooled readout of the last layer is the model's output."""
-    size = float(output.detach().abs().max())
-    miss = float((readout - output.to(readout)).abs().max())
-    if miss > identity_tolerance(size):
-        raise IdentityError(
-            f"logit_lens: the readout of the last layer differs from the model's output by {miss:.3g} (outputs "
-            f"up to {size:.3g}): something between the final residual stream and the output that the readout does "
-            "not know acts on it (a hook on hook_pooled / hook_image_embed / the head, or a head that is not what "
-            "the adapter said). Give the adapter the real head (docs/adapters.md) instead of a hook")
+    check_identity(readout, output, lambda miss, size: (
+        f"logit_lens: the readout of the last layer differs from the model's output by {miss:.3g} (outputs "
+        f"up to {size:.3g}): something between the final residual stream and the output that the readout does "
+        "not know acts on it (a hook on hook_pooled / hook_image_embed / the head, or a head that is not what "
+        "the adapter said). Give the adapter the real head (docs/adapters.md) instead of a hook"))
 
 
 def _target_scores(target: Target, logits: Tensor, rows: Tensor) -> Tensor:

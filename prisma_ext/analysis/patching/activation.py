@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import IdentityError, PrismaError, identity_tolerance
+from ...errors import PrismaError, check_identity
 from ..common import naming
 from ..progress import Progress
 from ..result import ResultSet
@@ -37,16 +37,14 @@ def check_everything_patched(runner: PatchRunner, plan, target, served, m_source
     with torch.no_grad():
         output = runner.outputs("resid_pre", layer, jobs, mask=every.mask(n_tokens))
         got = score_rows(target, output, jobs.examples, served)
-    size = float(m_source.abs().max())
-    miss = float((got - m_source.to(got)).abs().max())
-    if miss > identity_tolerance(size):
-        raise IdentityError(
-            f"activation_patching: patching every token of blocks.{layer}.hook_resid_pre gives {float(got[0]):.4g} "
-            f"where the unpatched source run gives {float(m_source[0]):.4g} (largest miss {miss:.3g}): the patched "
-            "runs do not continue the forward pass the model runs (a hook the sweep does not see, or a model whose "
-            "output depends on more than its residual stream); no sweep is returned")
+    check_identity(got, m_source, lambda miss, size: (
+        f"activation_patching: patching every token of blocks.{layer}.hook_resid_pre gives {float(got[0]):.4g} "
+        f"where the unpatched source run gives {float(m_source[0]):.4g} (largest miss {miss:.3g}): the patched "
+        "runs do not continue the forward pass the model runs (a hook the sweep does not see, or a model whose "
+        "output depends on more than its residual stream); no sweep is returned"))
 
 
+@naming("activation_patching")
 def activation_patching(model, clean: Tensor, corrupted: Tensor, target: Any = None, *, sites=DEFAULT_SITES,
                         positions="all", heads="all", layers=None, direction: str = "denoising",
                         normalize: bool = False, reuse: bool | None = None, batch_size: int | None = None,
@@ -68,13 +66,6 @@ def activation_patching(model, clean: Tensor, corrupted: Tensor, target: Any = N
     head axis for "z"), and meta holding the clean and corrupted target values.
     """
     target = patching_target(target, metric)
-    with naming("activation_patching"):
-        return _activation(model, clean, corrupted, target, sites, positions, heads, layers, direction,
-                          normalize, reuse, batch_size, progress)
-
-
-def _activation(model, clean, corrupted, target, sites, positions, heads, layers, direction, normalize, reuse,
-                batch_size, progress):
     plan = make_plan(model, clean, corrupted, sites, positions, heads, layers, direction, batch_size)
     be = plan.backend
     reuse = be.can_restart if reuse is None else reuse

@@ -32,6 +32,7 @@ from .runner import output_acts, score_rows
 from .target_arg import METRIC_UNSET, patching_target
 
 
+@naming("attribution_patching")
 def attribution_patching(model, clean: Tensor, corrupted: Tensor, target: Any = None, *, sites=DEFAULT_SITES,
                          positions="all", heads="all", layers=None, direction: str = "denoising",
                          normalize: bool = False, steps: int = 1, batch_size: int | None = None,
@@ -44,13 +45,6 @@ def attribution_patching(model, clean: Tensor, corrupted: Tensor, target: Any = 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive int, got {steps!r}")
     target = patching_target(target, metric)
-    with naming("attribution_patching"):
-        return _attribution(model, clean, corrupted, target, sites, positions, heads, layers, direction,
-                           normalize, steps, batch_size, progress)
-
-
-def _attribution(model, clean, corrupted, target, sites, positions, heads, layers, direction, normalize, steps,
-                 batch_size, progress):
     plan = make_plan(model, clean, corrupted, sites, positions, heads, layers, direction, batch_size)
     be, names = plan.backend, plan.names()
     n = plan.n_examples
