@@ -181,14 +181,14 @@ def conv_patch_weight(weight: Tensor, patch_size: int | tuple[int, int], in_chan
 
 
 def norm_params(norm: nn.Module) -> tuple | None:
-    """(weight, bias) of a LayerNorm-like module (ones and zeros where it has none), None for an
+    """(weight, bias) of a LayerNorm or RMSNorm (ones and zeros where it has none), None for an
     identity."""
     if isinstance(norm, nn.Identity):
         return None
     import torch
 
-    w = norm.weight
+    w = getattr(norm, "weight", None)
     if w is None:
         w = torch.ones(norm.normalized_shape, dtype=torch.get_default_dtype())
-    b = norm.bias if norm.bias is not None else torch.zeros_like(w)
-    return (w, b)
+    b = getattr(norm, "bias", None)
+    return w, (b if b is not None else torch.zeros_like(w))

@@ -8,7 +8,8 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..hooked.config import ViTConfig
 from ..hooked.weights import AttnPoolWeights, BlockWeights, ViTWeights
-from .base import Adapter, norm_params
+from .base import Adapter
+from .timm_layers import GATED, act_name, check_mlp, mlp_weights, mlp_width, norm_kind, norm_params, tower_norms
 
 SUPPORTED_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
 # timm classes we know and refuse, with the feature that stops us
@@ -23,44 +24,15 @@ REFUSED_CLASSES = {
     "Hiera": "hierarchical pooling attention (Hiera)",
     "MaxxVit": "convolutional stages with block/grid attention (MaxViT)",
 }
-ACT_NAMES = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "ReLU": "relu",
-             "SiLU": "silu", "Tanh": "tanh", "Mish": "mish", "Sigmoid": "sigmoid"}
 # timm block and MLP classes we know and refuse, with what makes them differ
 REFUSED_BLOCKS = {"ResPostBlock": "post-norm blocks (the norm after each residual branch)",
                   "ParallelScalingBlock": "parallel attention and MLP branches",
                   "ParallelThingsBlock": "parallel attention and MLP branches",
                   "DiffParallelScalingBlock": "differential attention"}
-REFUSED_MLPS = {"SwiGLU": "a gated MLP (SwiGLU)", "SwiGLUPacked": "a gated MLP (SwiGLU)",
-                "GluMlp": "a gated MLP (GLU)"}
 
 
 def _from_timm(module: nn.Module) -> bool:
     return type(module).__module__.startswith("timm.")
-
-
-def _act_name(act: nn.Module) -> str:
-    kind = type(act).__name__
-    if kind == "GELU" and getattr(act, "approximate", "none") == "tanh":
-        return "gelu_tanh"
-    if kind not in ACT_NAMES:
-        raise UnsupportedModelError(f"MLP activation {kind} is not supported (supported: "
-                                    f"{', '.join(sorted(ACT_NAMES))})")
-    return ACT_NAMES[kind]
-
-
-def _is_layer_norm(norm: nn.Module) -> bool:
-    """A LayerNorm over the last axis, with or without its affine parameters."""
-    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
-
-
-def _norm_eps(norm: nn.Module, where: str, default: float = 1e-6) -> float:
-    if isinstance(norm, nn.Identity):
-        return default
-    if not _is_layer_norm(norm):
-        kind = "RMSNorm" if "rms" in type(norm).__name__.lower() else type(norm).__name__
-        raise UnsupportedModelError(f"{where}: {kind} is not supported (LayerNorm is, with or without "
-                                    "affine parameters)")
-    return norm.eps
 
 
 def _bias(linear: nn.Linear):
@@ -109,7 +81,6 @@ class TimmViTAdapter(Adapter):
     def check(self, m: nn.Module) -> None:
         from timm.layers import PatchEmbed
         from timm.layers.attention import Attention
-        from timm.layers.mlp import Mlp
         from timm.models.vision_transformer import Block
 
         def refuse(feature: str) -> None:
@@ -120,8 +91,6 @@ class TimmViTAdapter(Adapter):
                 or not isinstance(m.patch_embed.proj, nn.Conv2d):
             refuse(f"patch embedding {type(m.patch_embed).__name__} (a hybrid CNN stem, or a patch embedding "
                    "with its own forward)")
-        if not isinstance(m.patch_embed.norm, nn.Identity):
-            refuse("a norm inside the patch embedding")
         if m.patch_embed.dynamic_img_pad:
             refuse("dynamic_img_pad (padding images to a multiple of the patch size)")
         if getattr(m, "dist_token", None) is not None and m.no_embed_class:
@@ -136,9 +105,6 @@ class TimmViTAdapter(Adapter):
         elif m.global_pool not in ("token", "avg"):
             refuse(f"global_pool={m.global_pool!r} ({type(getattr(m, 'attn_pool', None)).__name__}; supported: "
                    "token, avg, map)")
-        if not isinstance(m.norm_pre, nn.Identity):
-            _norm_eps(m.norm_pre, "norm_pre")
-        _norm_eps(_final_norm(m)[1], "the final norm")
         for i, blk in enumerate(m.blocks):
             kind = type(blk).__name__
             if kind in REFUSED_BLOCKS:
@@ -148,22 +114,21 @@ class TimmViTAdapter(Adapter):
             attn = blk.attn
             if type(attn) is not Attention:
                 refuse(f"attention type {type(attn).__name__}")
-            if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
-                refuse("qk_norm (normalised queries and keys)")
-            if not isinstance(attn.norm, nn.Identity):
-                refuse("scale_attn_norm (a norm inside attention)")
             if getattr(attn, "gate", None) is not None:
-                refuse("gated attention")
-            mlp = type(blk.mlp).__name__
-            if mlp in REFUSED_MLPS:
-                refuse(f"MLP type {mlp}: {REFUSED_MLPS[mlp]}")
-            if type(blk.mlp) is not Mlp:
-                refuse(f"MLP type {mlp}")
-            if not isinstance(blk.mlp.norm, nn.Identity):
-                refuse("scale_mlp_norm (a norm inside the MLP)")
-            _act_name(blk.mlp.act)
-            for name in ("norm1", "norm2"):
-                _norm_eps(getattr(blk, name), f"blocks.{i}.{name}")
+                refuse("gated attention (a sigmoid gate on the heads' outputs)")
+            check_mlp(blk.mlp, f"blocks.{i}.mlp")
+        self.norms(m)  # one kind and one eps for every norm, or refused by name
+
+    def norms(self, m: nn.Module):
+        """Every norm of the model, one kind and eps (`timm_layers.Norms`)."""
+        named = {"norm_pre": m.norm_pre, "the final norm": _final_norm(m)[1], "patch_embed.norm": m.patch_embed.norm}
+        for i, blk in enumerate(m.blocks):
+            named.update({f"blocks.{i}.norm1": blk.norm1, f"blocks.{i}.norm2": blk.norm2,
+                          f"blocks.{i}.attn.q_norm": blk.attn.q_norm, f"blocks.{i}.attn.k_norm": blk.attn.k_norm,
+                          f"blocks.{i}.attn.norm": blk.attn.norm, f"blocks.{i}.mlp.norm": blk.mlp.norm})
+        if m.global_pool == "map":
+            named["attn_pool.norm"] = m.attn_pool.norm
+        return tower_norms(named)
 
     @staticmethod
     def _check_pool(pool: nn.Module, refuse) -> None:
@@ -190,21 +155,26 @@ class TimmViTAdapter(Adapter):
         arch = pre_cfg.get("architecture", "")
         tag = pre_cfg.get("tag")
         final_norm, final = _final_norm(m)
+        norms = self.norms(m)
         n_dist = 1 if getattr(m, "dist_token", None) is not None else 0
         return ViTConfig(
             d_model=m.embed_dim,
             n_layers=len(m.blocks),
             n_heads=n_heads,
             d_head=d_head,
-            d_mlp=blk.mlp.fc1.out_features,
+            d_mlp=mlp_width(blk.mlp),
             n_classes=m.head.out_features if isinstance(m.head, nn.Linear) else 0,
             img_size=tuple(m.patch_embed.img_size),
             patch_size=tuple(m.patch_embed.patch_size),
             in_chans=m.patch_embed.proj.in_channels,
-            act_fn=_act_name(blk.mlp.act),
-            eps=_norm_eps(blk.norm1, "blocks.0.norm1"),
-            eps_final=_norm_eps(final, "the final norm"),
-            eps_pre=_norm_eps(m.norm_pre, "norm_pre"),
+            act_fn=act_name(blk.mlp.act),
+            eps=norms.eps, eps_final=norms.eps, eps_pre=norms.eps,
+            norm_type=norms.kind,
+            qk_norm=norm_kind(blk.attn.q_norm, "attn.q_norm") is not None,
+            attn_norm=norm_kind(blk.attn.norm, "attn.norm") is not None,
+            gated_mlp=type(blk.mlp).__name__ in GATED,
+            mlp_norm=norm_kind(blk.mlp.norm, "mlp.norm") is not None,
+            patch_norm=norm_kind(m.patch_embed.norm, "patch_embed.norm") is not None,
             n_cls=1 if m.cls_token is not None else 0,
             n_dist=n_dist,
             n_reg=0 if n_dist else m.num_reg_tokens,  # timm's distilled forward never adds registers
@@ -231,14 +201,15 @@ class TimmViTAdapter(Adapter):
     def weights(self, m: nn.Module) -> ViTWeights:
         blocks = []
         for blk in m.blocks:
+            attn = blk.attn
             blocks.append(BlockWeights(
                 ln1=norm_params(blk.norm1),
-                qkv_w=blk.attn.qkv.weight, qkv_b=_bias(blk.attn.qkv),
-                proj_w=blk.attn.proj.weight, proj_b=_bias(blk.attn.proj),
+                qkv_w=attn.qkv.weight, qkv_b=_bias(attn.qkv),
+                proj_w=attn.proj.weight, proj_b=_bias(attn.proj),
                 ln2=norm_params(blk.norm2),
-                fc1_w=blk.mlp.fc1.weight, fc1_b=_bias(blk.mlp.fc1),
-                fc2_w=blk.mlp.fc2.weight, fc2_b=_bias(blk.mlp.fc2),
+                **mlp_weights(blk.mlp),
                 ls1=getattr(blk.ls1, "gamma", None), ls2=getattr(blk.ls2, "gamma", None),
+                q_norm=norm_params(attn.q_norm), k_norm=norm_params(attn.k_norm), attn_norm=norm_params(attn.norm),
             ))
         _, final = _final_norm(m)
         dist_head = getattr(m, "head_dist", None)
@@ -246,6 +217,7 @@ class TimmViTAdapter(Adapter):
         return ViTWeights(
             patch_w=m.patch_embed.proj.weight,
             patch_b=m.patch_embed.proj.bias,
+            patch_norm=norm_params(m.patch_embed.norm),
             cls=m.cls_token.reshape(-1) if m.cls_token is not None else None,
             dist=dist.reshape(-1) if dist is not None else None,
             reg=m.reg_token.reshape(-1, m.embed_dim) if m.reg_token is not None and dist is None else None,

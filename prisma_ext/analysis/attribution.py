@@ -94,6 +94,10 @@ def direct_logit_attribution(model: Any, images: Tensor, target: Any = None, *, 
         raise InputError("direct_logit_attribution needs a class, a LogitDiff or an ImageTextScore as target "
                          f"(a linear readout), got {target.describe()}")
     backend.readout.require_linear("direct_logit_attribution")
+    if "head" in by and backend.cfg.attn_norm:
+        raise InputError("direct_logit_attribution by head: this model normalises the heads' outputs together "
+                         "before the output projection (scale_attn_norm), so a head's write is not its own; split "
+                         "by layer (by=('layer',))")
     return in_chunks(backend, images, target, batch_size, progress, "direct_logit_attribution",
                      lambda x, bound: _dla(backend, x, bound, by))
 

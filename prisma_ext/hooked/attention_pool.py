@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from .layers import MLP, LayerNorm, is_hooked
+from .layers import MLP
+from .norms import NormSpec, is_hooked, make_norm
 
 
 class AttentionPool(nn.Module):
@@ -18,14 +19,14 @@ class AttentionPool(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, latent_len: int, d_mlp: int, act_fn: str,
-                 eps: float, has_norm: bool):
+                 eps: float, has_norm: bool, norm_type: str = "layernorm"):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_model // n_heads
         self.latent = nn.Parameter(torch.zeros(latent_len, d_model))
         self.q = nn.Linear(d_model, d_model)
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.proj = nn.Linear(d_model, d_model)
-        self.norm = LayerNorm(d_model, eps) if has_norm else None
+        self.norm = make_norm(NormSpec(norm_type, eps), d_model) if has_norm else None
         self.mlp = MLP(d_model, d_mlp, act_fn)
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()

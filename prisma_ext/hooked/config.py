@@ -13,6 +13,7 @@ import torch
 
 from ..layout import TokenLayout
 
+NormType = Literal["layernorm", "rmsnorm"]
 ActFn = Literal["gelu", "gelu_tanh", "quick_gelu", "relu", "silu", "tanh", "mish", "sigmoid"]
 Pool = Literal["token", "avg", "map"]
 FinalNorm = Literal["tokens", "pooled", "none"]
@@ -37,6 +38,11 @@ class TowerConfig:
     final_norm: FinalNorm = "tokens"
     d_proj: int = 0  # width of a projection after pooling (CLIP's joint space); 0: none
     attn_scale: float | None = None  # what attention scores are multiplied by; None: d_head ** -0.5
+    norm_type: NormType = "layernorm"  # every norm of the tower: "layernorm" or "rmsnorm"
+    qk_norm: bool = False  # a norm on each head's queries and keys
+    attn_norm: bool = False  # a norm on the heads' concatenated outputs, before the output projection
+    gated_mlp: bool = False  # act(gate(x)) * fc1(x), then fc2 (SwiGLU, GLU)
+    mlp_norm: bool = False  # a norm on the MLP's hidden activations, before fc2
     # weight processing (TransformerLens's options)
     fold_ln: bool = False
     center_writing_weights: bool = False
@@ -50,10 +56,18 @@ class TowerConfig:
     device: torch.device | str = field(default="cpu")
     dtype: torch.dtype = torch.float32
 
+    def __post_init__(self) -> None:
+        if self.norm_type not in ("layernorm", "rmsnorm"):
+            from ..errors import PrismaError
+
+            raise PrismaError(f"norm_type must be 'layernorm' or 'rmsnorm', got {self.norm_type!r}")
+        self.final_rms = self.norm_type == "rmsnorm"  # TL's flag for an RMS final norm
+
     @property
     def normalization_type(self) -> str:
-        """TL's name for the block norms: LNPre once their affine part is folded away."""
-        return "LNPre" if self.fold_ln else "LN"
+        """TL's name for the block norms: LN / RMS, LNPre / RMSPre once their weights are folded away."""
+        kind = "RMS" if self.norm_type == "rmsnorm" else "LN"
+        return f"{kind}Pre" if self.fold_ln else kind
 
     def replace(self, **changes):
         return replace(self, **changes)
@@ -74,7 +88,10 @@ class ViTConfig(TowerConfig):
     one per input channel.
     """
 
+    patch_norm: bool = False  # a norm on the patch tokens, inside the patch embedding (AIMv2)
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("mean", "std"):
             values = tuple(getattr(self, name))
             if len(values) == 1:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ViTConfig
+from .norms import NormSpec, make_norm
 
 
 def resample_grid(pos: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:
@@ -30,6 +31,7 @@ class Embedding(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.proj = nn.Conv2d(cfg.in_chans, cfg.d_model, cfg.patch_size, stride=cfg.patch_size)
+        self.norm = make_norm(NormSpec(cfg.norm_type, cfg.eps_pre), cfg.d_model) if cfg.patch_norm else None
         self.prefix = nn.Parameter(torch.zeros(cfg.n_prefix, cfg.d_model)) if cfg.n_prefix else None
         grid = cfg.pos_embed_grid or cfg.layout.grid
         n_pos = grid[0] * grid[1] + (cfg.n_prefix if cfg.pos_embed_on_prefix else 0)
@@ -51,4 +53,7 @@ class Embedding(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         x = self.proj(images)
         grid = (x.shape[-2], x.shape[-1])
-        return x.flatten(2).transpose(1, 2), self.prefix, self.positions(grid)
+        tokens = x.flatten(2).transpose(1, 2)
+        if self.norm is not None:
+            tokens = self.norm(tokens)
+        return tokens, self.prefix, self.positions(grid)

@@ -1,4 +1,5 @@
-"""Hooked building blocks: LayerNorm, attention, MLP and the pre-norm block.
+"""Hooked building blocks: attention, the MLP (plain or gated) and the pre-norm block (norms are
+in `norms.py`).
 
 Hook names follow TransformerLens. Each layer takes a fast path (fused kernels) when none of
 the hook points that the fused kernel would skip has a hook attached, and the explicit path,
@@ -14,6 +15,7 @@ from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
 from ..errors import PrismaError
+from .norms import NormSpec, is_hooked, make_norm
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -25,37 +27,6 @@ ACTIVATIONS = {
     "mish": F.mish,
     "sigmoid": torch.sigmoid,
 }
-
-
-def is_hooked(*points: HookPoint) -> bool:
-    """Whether any forward or backward hook (TL's or plain torch's) sits on these points."""
-    return any(p._forward_hooks or p._backward_hooks or p._backward_pre_hooks
-               or p._forward_pre_hooks for p in points)
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm over the last axis; `affine=False` is TL's LNPre (weights folded away).
-
-    Sites: `hook_scale` [..., 1] (sqrt(var + eps)) and `hook_normalized` [..., d] (the output).
-    """
-
-    def __init__(self, d: int, eps: float, affine: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.w = nn.Parameter(torch.ones(d)) if affine else None
-        self.b = nn.Parameter(torch.zeros(d)) if affine else None
-        self.hook_scale = HookPoint()
-        self.hook_normalized = HookPoint()
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not is_hooked(self.hook_scale, self.hook_normalized):
-            return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
-        x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        x = x / scale
-        if self.w is not None:
-            x = x * self.w + self.b
-        return self.hook_normalized(x)
 
 
 class CircuitViews:
@@ -75,19 +46,26 @@ class Attention(CircuitViews, nn.Module):
 
     Sites: `hook_q/k/v` and `hook_z` [batch, pos, head, d_head]; `hook_attn_scores` and
     `hook_pattern` [batch, head, query, key]; `hook_result` [batch, pos, head, d_model] when
-    `use_attn_result`. `causal` masks future keys (the text tower).
+    `use_attn_result`. `causal` masks future keys (the text tower). With `qk_norm`, `q_norm` /
+    `k_norm` normalise each head's query and key (their `hook_normalized` is what the scores read;
+    `hook_q`/`hook_k` are the projections' outputs); with `out_norm`, `norm` normalises the heads'
+    concatenated outputs before the output projection (timm's scale_attn_norm).
     TL weight views: `W_Q/W_K/W_V` [head, d_model, d_head], `W_O`
     [head, d_head, d_model], biases `b_Q/b_K/b_V` [head, d_head] and `b_O` [d_model].
     """
 
     def __init__(self, d_model: int, n_heads: int, d_head: int, use_attn_result: bool = False,
-                 causal: bool = False, scale: float | None = None):
+                 causal: bool = False, scale: float | None = None, qk_norm: NormSpec | None = None,
+                 out_norm: NormSpec | None = None):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_head
         self.scale = d_head ** -0.5 if scale is None else scale
         self.use_attn_result = use_attn_result
         self.causal = causal
         self.qkv = nn.Linear(d_model, 3 * n_heads * d_head)
+        self.q_norm = make_norm(qk_norm, d_head) if qk_norm else None
+        self.k_norm = make_norm(qk_norm, d_head) if qk_norm else None
+        self.norm = make_norm(out_norm, n_heads * d_head) if out_norm else None
         self.proj = nn.Linear(n_heads * d_head, d_model)
         for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
             setattr(self, f"hook_{name}", HookPoint())
@@ -122,6 +100,8 @@ class Attention(CircuitViews, nn.Module):
             raise PrismaError("internal: n_query is for bidirectional attention only")
         qkv = self.qkv(x).view(batch, pos, 3, self.n_heads, self.d_head)
         q, k, v = (hp(t) for hp, t in zip((self.hook_q, self.hook_k, self.hook_v), qkv.unbind(2)))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if n_query is not None:
             q = q[:, :n_query]
         if is_hooked(self.hook_attn_scores, self.hook_pattern):
@@ -139,30 +119,46 @@ class Attention(CircuitViews, nn.Module):
         if self.use_attn_result:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
             return result.sum(dim=-2) + self.proj.bias
-        return self.proj(z.reshape(batch, z.shape[1], self.n_heads * self.d_head))
+        z = z.reshape(batch, z.shape[1], self.n_heads * self.d_head)
+        return self.proj(self.norm(z) if self.norm is not None else z)
 
 
 class MLP(nn.Module):
-    """Two-layer MLP. Sites: `hook_pre` and `hook_post` [batch, pos, d_mlp].
+    """The MLP: plain (`fc1`, activation, `fc2`) or gated (`gate` and `fc1` in parallel, the
+    activation of the gate times the linear branch, TL's gated MLP), optionally normalised before
+    `fc2` (`norm`: EVA-02's and timm's scale_mlp_norm).
 
-    TL's weight views: `W_in` [d_model, d_mlp], `b_in`, `W_out` [d_mlp, d_model], `b_out`.
+    Sites [batch, pos, d_mlp]: `hook_pre` (the activation's input: `fc1`'s output, or in a gated
+    MLP the gate's), `hook_pre_linear` (gated: the linear branch `fc1`), `hook_post` (what `fc2`, or
+    the norm, reads). TL's weight views: `W_in` [d_model, d_mlp], `b_in`, `W_gate` (gated),
+    `W_out` [d_mlp, d_model], `b_out`.
     """
 
-    def __init__(self, d_model: int, d_mlp: int, act_fn: str):
+    def __init__(self, d_model: int, d_mlp: int, act_fn: str, gated: bool = False, norm: NormSpec | None = None):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_mlp)
+        self.gate = nn.Linear(d_model, d_mlp) if gated else None
+        self.norm = make_norm(norm, d_mlp) if norm else None
         self.fc2 = nn.Linear(d_mlp, d_model)
         self.act = ACTIVATIONS[act_fn]
         self.hook_pre = HookPoint()
+        if gated:
+            self.hook_pre_linear = HookPoint()
         self.hook_post = HookPoint()
 
     W_in = property(lambda self: self.fc1.weight.T)
     b_in = property(lambda self: self.fc1.bias)
+    W_gate = property(lambda self: self.gate.weight.T)
+    b_gate = property(lambda self: self.gate.bias)
     W_out = property(lambda self: self.fc2.weight.T)
     b_out = property(lambda self: self.fc2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.hook_post(self.act(self.hook_pre(self.fc1(x)))))
+        if self.gate is None:
+            post = self.hook_post(self.act(self.hook_pre(self.fc1(x))))
+        else:
+            post = self.hook_post(self.act(self.hook_pre(self.gate(x))) * self.hook_pre_linear(self.fc1(x)))
+        return self.fc2(self.norm(post) if self.norm is not None else post)
 
 
 class Block(nn.Module):
@@ -172,11 +168,13 @@ class Block(nn.Module):
 
     def __init__(self, cfg, causal: bool = False):
         super().__init__()
-        affine = not cfg.fold_ln
-        self.ln1 = LayerNorm(cfg.d_model, cfg.eps, affine)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.use_attn_result, causal, cfg.attn_scale)
-        self.ln2 = LayerNorm(cfg.d_model, cfg.eps, affine)
-        self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
+        block_norm = NormSpec(cfg.norm_type, cfg.eps, affine=not cfg.fold_ln)
+        inner = NormSpec(cfg.norm_type, cfg.eps)
+        self.ln1 = make_norm(block_norm, cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.use_attn_result, causal, cfg.attn_scale,
+                              qk_norm=inner if cfg.qk_norm else None, out_norm=inner if cfg.attn_norm else None)
+        self.ln2 = make_norm(block_norm, cfg.d_model)
+        self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, gated=cfg.gated_mlp, norm=inner if cfg.mlp_norm else None)
         for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 

@@ -30,6 +30,10 @@ def _linear(layer: nn.Linear, w: Tensor, b: Tensor | None, name: str) -> None:
 
 
 def _norm(ln, norm, name: str) -> None:
+    if ln is None:
+        if norm is not None:
+            raise PrismaError(f"weights give {name} but the config builds no such norm")
+        return
     if ln.w is None:
         if norm is not None:
             raise PrismaError(f"{name}: folded norm (LNPre) but the weights still carry its affine part")
@@ -38,7 +42,10 @@ def _norm(ln, norm, name: str) -> None:
     if w is None:
         raise PrismaError(f"weights lack {name}")
     _set(ln.w, w, f"{name}.weight")
-    _set(ln.b, b, f"{name}.bias")
+    if ln.b is not None:
+        _set(ln.b, b, f"{name}.bias")
+    elif b is not None and bool(b.abs().max() > 0):
+        raise PrismaError(f"{name}: an RMSNorm has no bias, and the weights give a nonzero one")
 
 
 def _load_blocks(blocks, block_weights) -> None:
@@ -51,6 +58,14 @@ def _load_blocks(blocks, block_weights) -> None:
         _linear(block.attn.proj, bw.proj_w, bw.proj_b, f"blocks.{i}.attn.proj")
         _linear(block.mlp.fc1, bw.fc1_w, bw.fc1_b, f"blocks.{i}.mlp.fc1")
         _linear(block.mlp.fc2, bw.fc2_w, bw.fc2_b, f"blocks.{i}.mlp.fc2")
+        if block.mlp.gate is not None:
+            _linear(block.mlp.gate, bw.gate_w, bw.gate_b, f"blocks.{i}.mlp.gate")
+        elif bw.gate_w is not None:
+            raise PrismaError(f"blocks.{i}: weights give an MLP gate but the config says gated_mlp=False")
+        _norm(block.attn.q_norm, bw.q_norm, f"blocks.{i}.attn.q_norm")
+        _norm(block.attn.k_norm, bw.k_norm, f"blocks.{i}.attn.k_norm")
+        _norm(block.attn.norm, bw.attn_norm, f"blocks.{i}.attn.norm")
+        _norm(block.mlp.norm, bw.mlp_norm, f"blocks.{i}.mlp.norm")
 
 
 def load_into(model, weights: ViTWeights) -> None:
@@ -61,6 +76,7 @@ def load_into(model, weights: ViTWeights) -> None:
     embed = model.embed
     _set(embed.proj.weight, weights.patch_w, "patch_embed.weight", zero_if_missing=False)
     _set(embed.proj.bias, weights.patch_b, "patch_embed.bias")
+    _norm(embed.norm, weights.patch_norm, "patch_embed.norm")
     prefix = [t.reshape(-1, cfg.d_model) for t in (weights.cls, weights.dist, weights.reg) if t is not None]
     _set(embed.prefix, torch.cat(prefix) if prefix else None, "prefix tokens", zero_if_missing=False)
     _set(embed.pos_embed, weights.pos_embed, "pos_embed", zero_if_missing=False)

@@ -36,29 +36,33 @@ def fold_layer_scale(blocks: list[BlockWeights]) -> None:
             blk.ls2 = None
 
 
-def _fold_norm_into(norm: Norm, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Fold y = (n * g + beta) into the linear map x -> x W^T + b; centre over the input."""
+def _fold_norm_into(norm: Norm, w: Tensor, b: Tensor | None, center: bool = True) -> tuple[Tensor, Tensor]:
+    """Fold y = (n * g + beta) into the linear map x -> x W^T + b. After a LayerNorm (`center`)
+    the reader's weights are centred over the input too: its input is mean-zero; not after an
+    RMSNorm, whose output is not."""
     g, beta = norm
     new_b = _bias(b, w) + w @ beta
     new_w = w * g[None, :]
-    return new_w - new_w.mean(dim=1, keepdim=True), new_b
+    return (new_w - new_w.mean(dim=1, keepdim=True) if center else new_w), new_b
 
 
-def fold_block_norms(blocks: list[BlockWeights]) -> None:
+def fold_block_norms(blocks: list[BlockWeights], center: bool = True) -> None:
     if any(b.ln1 is None or b.ln2 is None for b in blocks):
         raise PrismaError("fold_ln: these weights have no block norms to fold")
     for blk in blocks:
-        blk.qkv_w, blk.qkv_b = _fold_norm_into(blk.ln1, blk.qkv_w, blk.qkv_b)
-        blk.fc1_w, blk.fc1_b = _fold_norm_into(blk.ln2, blk.fc1_w, blk.fc1_b)
+        blk.qkv_w, blk.qkv_b = _fold_norm_into(blk.ln1, blk.qkv_w, blk.qkv_b, center)
+        if blk.gate_w is not None:  # a gated MLP reads the norm twice
+            blk.gate_w, blk.gate_b = _fold_norm_into(blk.ln2, blk.gate_w, blk.gate_b, center)
+        blk.fc1_w, blk.fc1_b = _fold_norm_into(blk.ln2, blk.fc1_w, blk.fc1_b, center)
         blk.ln1 = blk.ln2 = None
 
 
-def fold_final_norm(weights, readers: list[tuple[object, str, str]]) -> None:
+def fold_final_norm(weights, readers: list[tuple[object, str, str]], center: bool = True) -> None:
     """Fold `weights.ln_final` into each reader (object, weight attribute, bias attribute)."""
     if weights.ln_final is None:
         return
     for obj, w_name, b_name in readers:
-        w, b = _fold_norm_into(weights.ln_final, getattr(obj, w_name), getattr(obj, b_name))
+        w, b = _fold_norm_into(weights.ln_final, getattr(obj, w_name), getattr(obj, b_name), center)
         setattr(obj, w_name, w)
         setattr(obj, b_name, b)
     weights.ln_final = None
@@ -96,8 +100,27 @@ def _require_final_norm(cfg) -> None:
         )
 
 
+def _require_centring_readers(cfg) -> None:
+    """center_writing_weights holds only where every reader of the residual stream removes the mean."""
+    if cfg.norm_type == "rmsnorm":
+        raise PrismaError("center_writing_weights needs every reader of the residual stream to remove the mean "
+                          "(a LayerNorm); this model's norms are RMSNorms, which do not: load without "
+                          "center_writing_weights")
+
+
+def _require_linear_heads(cfg) -> None:
+    """fold_value_biases and use_attn_result read z -> output as linear per head."""
+    if cfg.attn_norm:
+        for option in ("fold_value_biases", "use_attn_result"):
+            if getattr(cfg, option):
+                raise PrismaError(f"{option} needs each head's output to be linear in its z; this model normalises "
+                                  "the heads' outputs together before the projection (scale_attn_norm): load "
+                                  f"without {option}")
+
+
 def center_vit_writes(weights: ViTWeights, cfg: ViTConfig) -> None:
     _require_final_norm(cfg)
+    _require_centring_readers(cfg)
     if cfg.global_pool == "map" and cfg.final_norm != "tokens":
         raise PrismaError(
             "center_writing_weights needs every reader of the residual stream to be a norm (which removes "
@@ -124,10 +147,12 @@ def fold_value_biases(blocks: list[BlockWeights]) -> None:
 def process_weights(weights: ViTWeights, cfg: ViTConfig) -> None:
     """Apply, in TL's order, the processing `cfg` asks for (in place on ViT `weights`)."""
     fold_layer_scale(weights.blocks)
+    _require_linear_heads(cfg)
+    center = cfg.norm_type != "rmsnorm"
     if cfg.fold_ln:
-        fold_block_norms(weights.blocks)
+        fold_block_norms(weights.blocks, center)
         if cfg.folds_final_norm:
-            fold_final_norm(weights, _final_readers(weights, cfg))
+            fold_final_norm(weights, _final_readers(weights, cfg), center)
     if cfg.center_writing_weights:
         center_vit_writes(weights, cfg)
     if cfg.fold_value_biases:
@@ -137,13 +162,16 @@ def process_weights(weights: ViTWeights, cfg: ViTConfig) -> None:
 def process_text_weights(weights: TextWeights, cfg: TextConfig) -> None:
     """The same processing for a text tower (the final norm folds into the text projection)."""
     fold_layer_scale(weights.blocks)
+    _require_linear_heads(cfg)
+    center = cfg.norm_type != "rmsnorm"
     if cfg.fold_ln:
-        fold_block_norms(weights.blocks)
+        fold_block_norms(weights.blocks, center)
         if weights.proj_w is None:
             raise PrismaError("fold_ln: this text tower has no projection to fold its final norm into")
-        fold_final_norm(weights, [(weights, "proj_w", "proj_b")])
+        fold_final_norm(weights, [(weights, "proj_w", "proj_b")], center)
     if cfg.center_writing_weights:
         _require_final_norm(cfg)
+        _require_centring_readers(cfg)
         weights.token_embed = _centred(weights.token_embed)
         weights.pos_embed = _centred(weights.pos_embed)
         center_block_writes(weights.blocks)

@@ -10,8 +10,9 @@ direct logit attribution, the attention maps' query weights and patching's short
     readout.class_directions(ids, n_tokens)  # the class logits as linear functions of the stream
     readout.token_logits(resid)              # every token read out as if it were the pooled one
 
-"Normalised" below means centred and divided by the final norm's scale, with that scale frozen
-(TL's `apply_ln_to_stack`); a direction is what a normalised vector is dotted with.
+"Normalised" below means centred (a LayerNorm; an RMSNorm does not centre) and divided by the
+final norm's scale, with that scale frozen (TL's `apply_ln_to_stack`); a direction is what a
+normalised vector is dotted with.
 """
 
 from __future__ import annotations
@@ -120,12 +121,18 @@ class Readout:
     def affine(self) -> tuple[Tensor | None, Tensor | None]:
         """The final norm's (weight, bias), or (None, None) when folded away or absent."""
         ln = getattr(self.model, "ln_final", None)
-        return (ln.w, ln.b) if ln is not None and ln.w is not None else (None, None)
+        if ln is None or ln.w is None:
+            return None, None
+        return ln.w, (ln.b if ln.b is not None else torch.zeros_like(ln.w))
 
     def normalize(self, x: Tensor) -> Tensor:
         """The final norm applied to vectors [..., d_model] (no hooks), or x without one."""
         ln = getattr(self.model, "ln_final", None)
-        return x if ln is None else F.layer_norm(x, x.shape[-1:], ln.w, ln.b, ln.eps)
+        if ln is None:
+            return x
+        if not ln.center:
+            return F.rms_norm(x, x.shape[-1:], ln.w, ln.eps)
+        return F.layer_norm(x, x.shape[-1:], ln.w, ln.b, ln.eps)
 
     def final_scale(self, resid: Tensor) -> Tensor:
         """The final norm's scale sqrt(var + eps) per token [..., pos, 1] of a final residual
@@ -136,14 +143,20 @@ class Readout:
             return torch.ones_like(resid[..., :1])
         if cfg.final_norm == "pooled" and cfg.global_pool == "avg":
             pooled = resid[..., self.pool_start:, :].mean(-2, keepdim=True)
-            return (pooled.var(-1, unbiased=False, keepdim=True) + cfg.eps_final).sqrt().expand_as(resid[..., :1])
-        return (resid.var(-1, unbiased=False, keepdim=True) + cfg.eps_final).sqrt()
+            return self._scale(pooled).expand_as(resid[..., :1])
+        return self._scale(resid)
+
+    def _scale(self, x: Tensor) -> Tensor:
+        """sqrt(var + eps) for a LayerNorm, sqrt(mean square + eps) for an RMSNorm [..., 1]."""
+        if self.cfg.norm_type == "rmsnorm":
+            return (x.pow(2).mean(-1, keepdim=True) + self.cfg.eps_final).sqrt()
+        return (x.var(-1, unbiased=False, keepdim=True) + self.cfg.eps_final).sqrt()
 
     def to_residual(self, directions: Tensor, scale: Tensor) -> Tensor:
         """Directions for normalised vectors [batch, pos, d] -> directions for the raw residual
         stream: centred (with a final norm, centring is a projection, so it moves onto the
         direction) and divided by the frozen scale [batch, pos, 1]."""
-        if self.cfg.final_norm != "none":
+        if self.cfg.final_norm != "none" and self.cfg.norm_type != "rmsnorm":
             directions = directions - directions.mean(-1, keepdim=True)
         return directions / scale
 

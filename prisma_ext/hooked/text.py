@@ -8,7 +8,8 @@ from transformer_lens.hook_points import HookPoint
 
 from ..errors import InputError, PrismaError
 from .config import TextConfig
-from .layers import Block, LayerNorm
+from .layers import Block
+from .norms import NormSpec, make_norm
 from .processing import process_text_weights
 from .root import CheckedHookedRoot, TowerWeightViews
 from .weights import TextWeights, detached_copy
@@ -32,7 +33,7 @@ class HookedTextTransformer(CheckedHookedRoot, TowerWeightViews):
         self.hook_embed = HookPoint()
         self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList(Block(cfg, causal=cfg.causal) for _ in range(cfg.n_layers))
-        self.ln_final = LayerNorm(cfg.d_model, cfg.eps_final, affine=not cfg.fold_ln)
+        self.ln_final = make_norm(NormSpec(cfg.norm_type, cfg.eps_final, not cfg.fold_ln), cfg.d_model)
         self.hook_pooled = HookPoint()
         self.proj = nn.Linear(cfg.d_model, cfg.d_proj) if cfg.d_proj else None
         self.hook_text_embed = HookPoint()

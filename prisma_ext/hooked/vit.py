@@ -14,8 +14,9 @@ from .attention_pool import AttentionPool
 from .config import ViTConfig
 from .embed import Embedding
 from .inputs import check_images
-from .layers import Block, LayerNorm
+from .layers import Block
 from .load_weights import load_into
+from .norms import NormSpec, make_norm
 from .processing import process_weights
 from .readout import Readout
 from .root import CheckedHookedRoot, TowerWeightViews
@@ -45,16 +46,16 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         self.hook_embed = HookPoint()
         if cfg.ln_pre:
             self.hook_full_embed = HookPoint()
-            self.ln_pre = LayerNorm(cfg.d_model, cfg.eps_pre)
+            self.ln_pre = make_norm(NormSpec(cfg.norm_type, cfg.eps_pre), cfg.d_model)
         else:
             self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         if cfg.final_norm != "none":
-            self.ln_final = LayerNorm(cfg.d_model, cfg.eps_final, affine=not cfg.folds_final_norm)
+            self.ln_final = make_norm(NormSpec(cfg.norm_type, cfg.eps_final, not cfg.folds_final_norm), cfg.d_model)
         if cfg.global_pool == "map":
             self.attn_pool = AttentionPool(
                 cfg.d_model, cfg.attn_pool_heads, cfg.attn_pool_latent_len,
-                cfg.attn_pool_d_mlp or cfg.d_mlp, cfg.act_fn, cfg.eps, has_norm=True)
+                cfg.attn_pool_d_mlp or cfg.d_mlp, cfg.act_fn, cfg.eps, has_norm=True, norm_type=cfg.norm_type)
         self.hook_pooled = HookPoint()
         if cfg.d_proj:
             self.proj = nn.Linear(cfg.d_model, cfg.d_proj)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
-Norm = tuple[Tensor, Tensor]  # (weight [d], bias [d])
+Norm = tuple[Tensor, Tensor]  # (weight [d], bias [d]); an RMSNorm's bias is zeros
 
 
 @dataclass
@@ -31,6 +31,12 @@ class BlockWeights:
     fc2_b: Tensor | None
     ls1: Tensor | None = None
     ls2: Tensor | None = None
+    q_norm: Norm | None = None  # per-head norms of queries and keys [d_head] (qk_norm)
+    k_norm: Norm | None = None
+    attn_norm: Norm | None = None  # the norm of the heads' outputs before proj [H * d_head]
+    gate_w: Tensor | None = None  # a gated MLP's gate [d_mlp, d]: act(gate(x)) * fc1(x)
+    gate_b: Tensor | None = None
+    mlp_norm: Norm | None = None  # the norm before fc2 [d_mlp]
 
 
 @dataclass
@@ -77,6 +83,7 @@ class ViTWeights:
     proj_w: Tensor | None = None  # [d_proj, d]: CLIP's image projection, applied before the head
     proj_b: Tensor | None = None
     head_module: nn.Module | None = None  # any head after pooling ([..., d] -> [..., n_classes]), instead of head_w
+    patch_norm: Norm | None = None  # a norm on the patch tokens inside the patch embedding
 
 
 @dataclass

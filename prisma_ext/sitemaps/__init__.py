@@ -10,7 +10,21 @@ nnsight or the TL backend.
 
 from .attention import ExplicitMHA, SwapForward, serve
 from .builder import BlockSites, SiteMap
-from .spec import IDENTITY, NOT_MAPPED, Chunk, ConvTokens, FlattenGrid, Heads, SetAttr, Site, TupleItem, Unsqueeze, View
+from .spec import (
+                   IDENTITY,
+                   NOT_MAPPED,
+                   Chunk,
+                   ConvTokens,
+                   FlattenGrid,
+                   Half,
+                   Heads,
+                   SetAttr,
+                   Site,
+                   SwapAxes,
+                   TupleItem,
+                   Unsqueeze,
+                   View,
+)
 
-__all__ = ["BlockSites", "Chunk", "ConvTokens", "ExplicitMHA", "FlattenGrid", "Heads", "IDENTITY", "NOT_MAPPED",
-           "SetAttr", "Site", "SiteMap", "SwapForward", "TupleItem", "Unsqueeze", "View", "serve"]
+__all__ = ["BlockSites", "Chunk", "ConvTokens", "ExplicitMHA", "FlattenGrid", "Half", "Heads", "IDENTITY", "NOT_MAPPED",
+           "SetAttr", "Site", "SiteMap", "SwapAxes", "SwapForward", "TupleItem", "Unsqueeze", "View", "serve"]

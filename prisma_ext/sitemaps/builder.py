@@ -33,13 +33,18 @@ BLOCK_NAMES = {
     "q": "attn.hook_q",
     "k": "attn.hook_k",
     "v": "attn.hook_v",
+    "q_norm": "attn.q_norm.hook_normalized",
+    "k_norm": "attn.k_norm.hook_normalized",
     "pattern": "attn.hook_pattern",
     "z": "attn.hook_z",
+    "attn_norm": "attn.norm.hook_normalized",
     "attn_out": "hook_attn_out",
     "resid_mid": "hook_resid_mid",
     "ln2": "ln2.hook_normalized",
     "mlp_pre": "mlp.hook_pre",
+    "mlp_pre_linear": "mlp.hook_pre_linear",
     "mlp_post": "mlp.hook_post",
+    "mlp_norm": "mlp.norm.hook_normalized",
     "mlp_out": "hook_mlp_out",
     "resid_post": "hook_resid_post",
 }
@@ -69,6 +74,11 @@ class BlockSites:
     ln2: Site | None = None
     mlp_pre: Site | None = None
     mlp_post: Site | None = None
+    q_norm: Site | None = None
+    k_norm: Site | None = None
+    attn_norm: Site | None = None
+    mlp_pre_linear: Site | None = None
+    mlp_norm: Site | None = None
 
     def named(self, block: str) -> dict[str, Site]:
         """{f"{block}.{tl name}": site} in forward order, leaving out the unmapped ones."""

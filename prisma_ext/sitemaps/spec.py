@@ -80,6 +80,39 @@ class Chunk(View):
 
 
 @dataclass(frozen=True)
+class SwapAxes(View):
+    """Two axes swapped: timm's per-head [batch, head, pos, d_head] <-> TL's [batch, pos, head, d_head]."""
+
+    a: int = 1
+    b: int = 2
+    identity = False
+
+    def read(self, raw: Tensor) -> Tensor:
+        return raw.transpose(self.a, self.b)
+
+    def write(self, value: Tensor, raw: Tensor) -> Tensor:
+        return value.transpose(self.a, self.b)
+
+
+@dataclass(frozen=True)
+class Half(View):
+    """One half of the last axis: a packed gated MLP's fc1 output [..., 2 * d_mlp] -> [..., d_mlp]."""
+
+    index: int
+    identity = False
+
+    def read(self, raw: Tensor) -> Tensor:
+        return raw.chunk(2, dim=-1)[self.index]
+
+    def write(self, value: Tensor, raw: Tensor) -> Tensor:
+        import torch
+
+        halves = list(raw.chunk(2, dim=-1))
+        halves[self.index] = value
+        return torch.cat(halves, dim=-1)
+
+
+@dataclass(frozen=True)
 class Unsqueeze(View):
     """A pooled vector [batch, d] seen as one token [batch, 1, d] (TL's pooled ln_final)."""
 

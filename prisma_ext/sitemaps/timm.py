@@ -11,7 +11,26 @@ from __future__ import annotations
 from torch import nn
 
 from .builder import D_MLP, HEADS, PATTERN, POOLED, TOKENS, BlockSites, SiteMap
-from .spec import IDENTITY, Chunk, FlattenGrid, Heads, SetAttr, Site, Unsqueeze
+from .spec import IDENTITY, Chunk, FlattenGrid, Half, Heads, SetAttr, Site, SwapAxes, Unsqueeze
+
+
+def _mlp_sites(p: str, mlp: nn.Module) -> dict[str, Site]:
+    """timm's Mlp (fc1, act), SwiGLU (fc1_g the gate, fc1_x the linear branch) and packed GLU (both
+    halves of fc1); the gated product is `drop1`'s output; a norm before fc2 is `norm`."""
+    kind = type(mlp).__name__
+    if kind == "Mlp":
+        sites = dict(mlp_pre=Site(f"{p}.fc1", shape=D_MLP), mlp_post=Site(f"{p}.act", shape=D_MLP))
+    elif kind == "SwiGLU":
+        sites = dict(mlp_pre=Site(f"{p}.fc1_g", shape=D_MLP), mlp_pre_linear=Site(f"{p}.fc1_x", shape=D_MLP),
+                     mlp_post=Site(f"{p}.drop1", shape=D_MLP))
+    else:  # GluMlp / SwiGLUPacked: x1, x2 = fc1(x).chunk(2); gate_last: x1 * act(x2), else act(x1) * x2
+        gate, linear = (1, 0) if mlp.gate_last else (0, 1)
+        sites = dict(mlp_pre=Site(f"{p}.fc1", view=Half(gate), shape=D_MLP),
+                     mlp_pre_linear=Site(f"{p}.fc1", view=Half(linear), shape=D_MLP),
+                     mlp_post=Site(f"{p}.drop1", shape=D_MLP))
+    if not isinstance(mlp.norm, nn.Identity):
+        sites["mlp_norm"] = Site(f"{p}.norm", shape=D_MLP)
+    return sites
 
 
 def timm_vit_sites(m: nn.Module) -> dict[str, Site]:
@@ -25,13 +44,17 @@ def timm_vit_sites(m: nn.Module) -> dict[str, Site]:
     for i, blk in enumerate(m.blocks):
         b, attn, heads = f"blocks.{i}", f"blocks.{i}.attn", blk.attn.num_heads
         q, k, v = (Site(f"{attn}.qkv", view=Chunk(j, 3, heads), shape=HEADS) for j in range(3))
+        has = {name: not isinstance(getattr(blk.attn, name), nn.Identity) for name in ("q_norm", "k_norm", "norm")}
         sites.block(i, BlockSites(
             resid_pre=Site(b, "input"), ln1=Site(f"{b}.norm1"), q=q, k=k, v=v,
+            q_norm=Site(f"{attn}.q_norm", view=SwapAxes(1, 2), shape=HEADS) if has["q_norm"] else None,
+            k_norm=Site(f"{attn}.k_norm", view=SwapAxes(1, 2), shape=HEADS) if has["k_norm"] else None,
             pattern=Site(f"{attn}.attn_drop", shape=PATTERN, prepare=SetAttr(attn, "fused_attn", False)),
-            z=Site(f"{attn}.proj", "input", Heads(heads), HEADS),
+            z=Site(f"{attn}.norm" if has["norm"] else f"{attn}.proj", "input", Heads(heads), HEADS),
+            attn_norm=Site(f"{attn}.norm", shape="[batch, pos, head * d_head]") if has["norm"] else None,
             attn_out=Site(f"{b}.drop_path1"),
             resid_mid=Site(f"{b}.norm2", "input", in_place=True), ln2=Site(f"{b}.norm2"),
-            mlp_pre=Site(f"{b}.mlp.fc1", shape=D_MLP), mlp_post=Site(f"{b}.mlp.act", shape=D_MLP),
+            **_mlp_sites(f"{b}.mlp", blk.mlp),
             mlp_out=Site(f"{b}.drop_path2"), resid_post=Site(b)))
     distilled = getattr(m, "dist_token", None) is not None  # its head reads two tokens apart, never fc_norm
     if not distilled and not isinstance(m.fc_norm, nn.Identity):

@@ -128,12 +128,21 @@ def test_named_unsupported_family_lists_close_supported_names():
         px.load("timm:eva02_tiny_patch14_224", pretrained=False)
 
 
-@pytest.mark.parametrize("overrides, feature", [
-    (dict(qk_norm=True), "qk_norm"),
-    (dict(global_pool="avgmax", class_token=False), "avgmax"),
-    (dict(norm_layer="rmsnorm"), "LayerNorm"),
-])
-def test_unsupported_vit_features_are_named(overrides, feature):
+def _still_refused():
+    from timm.layers import GatedMlp
+    from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock
+
+    return [
+        (dict(global_pool="avgmax", class_token=False), "avgmax"),
+        (dict(block_fn=ParallelScalingBlock), "parallel attention and MLP"),
+        (dict(block_fn=ResPostBlock), "post-norm"),
+        (dict(mlp_layer=GatedMlp), "GatedMlp"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_unsupported_vit_features_are_named(case):
+    overrides, feature = _still_refused()[case]
     with pytest.raises(UnsupportedModelError, match=feature):
         px.load(small_timm("plain", **overrides))
 
