@@ -9,7 +9,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import Adapter
 
-_BUILTIN_MODULES = ("prisma_ext.adapters.timm_vit", "prisma_ext.adapters.open_clip",
+_BUILTIN_MODULES = ("prisma_ext.adapters.timm_vit", "prisma_ext.adapters.timm_eva", "prisma_ext.adapters.open_clip",
                     "prisma_ext.adapters.hf_vit", "prisma_ext.adapters.hf_clip")
 _user_adapters: list[Adapter] = []
 _builtin_adapters: list[Adapter] = []

@@ -11,10 +11,9 @@ from ..hooked.weights import AttnPoolWeights, BlockWeights, ViTWeights
 from .base import Adapter
 from .timm_layers import GATED, act_name, check_mlp, mlp_weights, mlp_width, norm_kind, norm_params, tower_norms
 
-SUPPORTED_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
+SUPPORTED_CLASSES = ("VisionTransformer", "VisionTransformerDistilled", "Eva")
 # timm classes we know and refuse, with the feature that stops us
 REFUSED_CLASSES = {
-    "Eva": "rotary position embeddings (EVA / EVA-02)",
     "SwinTransformer": "windowed, shifted attention (Swin)",
     "SwinTransformerV2": "windowed attention with log-spaced position bias (Swin V2)",
     "Beit": "relative position bias (BEiT)",
@@ -65,15 +64,15 @@ class TimmViTAdapter(Adapter):
     name = "timm-vit"
 
     def matches(self, module: nn.Module) -> bool:
-        return _from_timm(module) and type(module).__name__ in SUPPORTED_CLASSES
+        return _from_timm(module) and type(module).__name__ in SUPPORTED_CLASSES[:2]
 
     def refusal(self, module: nn.Module) -> str | None:
         kind = type(module).__name__
         if _from_timm(module) and kind in REFUSED_CLASSES:
             return (f"timm {kind} is not supported: it uses {REFUSED_CLASSES[kind]}. Supported timm "
                     f"classes: {', '.join(SUPPORTED_CLASSES)} (plain ViT, DeiT, DINOv2, CLIP-style, "
-                    "average-pooled and SigLIP map-head variants)")
-        if _from_timm(module):
+                    "average-pooled and SigLIP map-head variants; Eva: EVA-02, DINOv3, PE, RoPE ViTs)")
+        if _from_timm(module) and kind not in SUPPORTED_CLASSES:
             return (f"timm {kind} is not supported; supported timm classes: {', '.join(SUPPORTED_CLASSES)}")
         return None
 
@@ -189,6 +188,7 @@ class TimmViTAdapter(Adapter):
             attn_pool_heads=m.attn_pool.num_heads if m.global_pool == "map" else 0,
             attn_pool_latent_len=m.attn_pool.latent_len if m.global_pool == "map" else 1,
             attn_pool_d_mlp=m.attn_pool.mlp.fc1.out_features if m.global_pool == "map" else 0,
+            attn_pool_act=act_name(m.attn_pool.mlp.act) if m.global_pool == "map" else "",
             source=f"timm:{arch}{'.' + tag if tag else ''}" if arch else "timm",
             mean=_per_channel(pre_cfg.get("mean", (0.5,)), m.patch_embed.proj.in_channels),
             std=_per_channel(pre_cfg.get("std", (0.5,)), m.patch_embed.proj.in_channels),

@@ -89,6 +89,11 @@ class ViTConfig(TowerConfig):
     """
 
     patch_norm: bool = False  # a norm on the patch tokens, inside the patch embedding (AIMv2)
+    # rotary position embeddings on the patch tokens' queries and keys (hooked/rotary.py): the
+    # pair layout, and how many angle tables there are per layer (1 or n_layers) and per head (1 or n_heads)
+    rotary: Literal["none", "interleaved", "half"] = "none"
+    rotary_tables: int = 1
+    rotary_heads: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,6 +111,13 @@ class ViTConfig(TowerConfig):
             from ..errors import PrismaError
 
             raise PrismaError(f"ViTConfig: head_type must be 'linear' or 'module', got {self.head_type!r}")
+        if self.rotary not in ("none", "interleaved", "half") or self.rotary_tables not in (1, self.n_layers) \
+                or self.rotary_heads not in (1, self.n_heads):
+            from ..errors import PrismaError
+
+            raise PrismaError(f"ViTConfig: rotary must be 'none', 'interleaved' or 'half' (got {self.rotary!r}), "
+                              f"with 1 or n_layers tables (got {self.rotary_tables}) and 1 or n_heads heads "
+                              f"(got {self.rotary_heads})")
 
     n_classes: int = 0
     head_type: HeadType = "linear"
@@ -126,6 +138,7 @@ class ViTConfig(TowerConfig):
     attn_pool_heads: int = 0
     attn_pool_latent_len: int = 1
     attn_pool_d_mlp: int = 0  # 0: same as d_mlp
+    attn_pool_act: str = ""  # the attention pool's MLP activation; "": same as act_fn
     # how the model wants its images
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)

@@ -24,7 +24,9 @@ class Embedding(nn.Module):
     """Turns images into (patch tokens [B, G, d], prefix tokens [P, d], positions [T, d]).
 
     Parameters: `proj` (the patch convolution), `prefix` [P, d] (cls, dist, registers in that
-    order), `pos_embed` [n_pos, d] (prefix rows first when `cfg.pos_embed_on_prefix`).
+    order), `pos_embed` [n_pos, d] (prefix rows first when `cfg.pos_embed_on_prefix`). A rotary
+    model also holds its angle tables for its own grid, `rotary_sin`/`rotary_cos` [tables,
+    n_patches, heads, d_head] (buffers), and optionally `rotary_source` for other grids.
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -36,6 +38,26 @@ class Embedding(nn.Module):
         grid = cfg.pos_embed_grid or cfg.layout.grid
         n_pos = grid[0] * grid[1] + (cfg.n_prefix if cfg.pos_embed_on_prefix else 0)
         self.pos_embed = nn.Parameter(torch.zeros(n_pos, cfg.d_model)) if cfg.has_pos_embed else None
+        self.rotary_source: nn.Module | None = None
+        if cfg.rotary != "none":
+            shape = (cfg.rotary_tables, cfg.layout.n_patches, cfg.rotary_heads, cfg.d_head)
+            self.register_buffer("rotary_sin", torch.zeros(shape))
+            self.register_buffer("rotary_cos", torch.zeros(shape))
+
+    def rotary(self, grid: tuple[int, int]) -> tuple[Tensor, Tensor] | None:
+        """The rotary tables (sin, cos) [tables, gh*gw, heads, d_head] for a patch grid; None for a
+        model without rotary embeddings."""
+        if self.cfg.rotary == "none":
+            return None
+        if tuple(grid) == tuple(self.cfg.layout.grid):
+            return self.rotary_sin, self.rotary_cos
+        if self.rotary_source is None:
+            from ..errors import PrismaError
+
+            raise PrismaError(f"this rotary model has angle tables for its {self.cfg.layout.grid} patch grid only, "
+                              f"not for {tuple(grid)}: give images of {self.cfg.img_size} pixels")
+        sin, cos = self.rotary_source(tuple(grid))
+        return sin.to(self.rotary_sin.dtype), cos.to(self.rotary_cos.dtype)
 
     def positions(self, grid: tuple[int, int]) -> Tensor | None:
         """Position rows [n_prefix + gh*gw, d] for a grid; zero rows where a token gets none."""

@@ -16,6 +16,7 @@ from transformer_lens.hook_points import HookPoint
 
 from ..errors import PrismaError
 from .norms import NormSpec, is_hooked, make_norm
+from .rotary import apply_rotary
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -49,16 +50,21 @@ class Attention(CircuitViews, nn.Module):
     `use_attn_result`. `causal` masks future keys (the text tower). With `qk_norm`, `q_norm` /
     `k_norm` normalise each head's query and key (their `hook_normalized` is what the scores read;
     `hook_q`/`hook_k` are the projections' outputs); with `out_norm`, `norm` normalises the heads'
-    concatenated outputs before the output projection (timm's scale_attn_norm).
+    concatenated outputs before the output projection (timm's scale_attn_norm). With `rotary`
+    ("interleaved" or "half", see `rotary.py`), the patch tokens' queries and keys are rotated
+    after any qk-norm: `hook_rot_q`/`hook_rot_k` [batch, pos, head, d_head] are what the scores
+    read, `hook_q`/`hook_k` stay the projections' outputs (TL's rotary convention); the first
+    `n_prefix` tokens are not rotated.
     TL weight views: `W_Q/W_K/W_V` [head, d_model, d_head], `W_O`
     [head, d_head, d_model], biases `b_Q/b_K/b_V` [head, d_head] and `b_O` [d_model].
     """
 
     def __init__(self, d_model: int, n_heads: int, d_head: int, use_attn_result: bool = False,
                  causal: bool = False, scale: float | None = None, qk_norm: NormSpec | None = None,
-                 out_norm: NormSpec | None = None):
+                 out_norm: NormSpec | None = None, rotary: str = "none", n_prefix: int = 0):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_head
+        self.rotary, self.n_prefix = rotary, n_prefix
         self.scale = d_head ** -0.5 if scale is None else scale
         self.use_attn_result = use_attn_result
         self.causal = causal
@@ -69,6 +75,8 @@ class Attention(CircuitViews, nn.Module):
         self.proj = nn.Linear(n_heads * d_head, d_model)
         for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
             setattr(self, f"hook_{name}", HookPoint())
+        if rotary != "none":
+            self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
 
     # -- TransformerLens weight views (they share storage with the parameters) --
     def _qkv_rows(self, i: int) -> slice:
@@ -91,10 +99,11 @@ class Attention(CircuitViews, nn.Module):
     W_O = property(lambda self: self.proj.weight.T.view(self.n_heads, self.d_head, -1))
     b_O = property(lambda self: self.proj.bias)
 
-    def forward(self, x: Tensor, n_query: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, n_query: int | None = None, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """x [batch, pos, d_model] -> [batch, pos, d_model]. `n_query`: only the first n_query
         tokens attend (keys and values still come from every token); the output and the sites
-        from `attn_scores` on then hold those n_query rows."""
+        from `attn_scores` on then hold those n_query rows. `rotary`: this layer's (sin, cos)
+        [n_patches, heads or 1, d_head], for a rotary attention."""
         batch, pos, _ = x.shape
         if n_query is not None and self.causal:
             raise PrismaError("internal: n_query is for bidirectional attention only")
@@ -102,6 +111,11 @@ class Attention(CircuitViews, nn.Module):
         q, k, v = (hp(t) for hp, t in zip((self.hook_q, self.hook_k, self.hook_v), qkv.unbind(2)))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary != "none":
+            if rotary is None:
+                raise PrismaError("internal: a rotary attention needs its (sin, cos) tables")
+            q = self.hook_rot_q(apply_rotary(q, *rotary, self.n_prefix, self.rotary))
+            k = self.hook_rot_k(apply_rotary(k, *rotary, self.n_prefix, self.rotary))
         if n_query is not None:
             q = q[:, :n_query]
         if is_hooked(self.hook_attn_scores, self.hook_pattern):
@@ -172,18 +186,20 @@ class Block(nn.Module):
         inner = NormSpec(cfg.norm_type, cfg.eps)
         self.ln1 = make_norm(block_norm, cfg.d_model)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.use_attn_result, causal, cfg.attn_scale,
-                              qk_norm=inner if cfg.qk_norm else None, out_norm=inner if cfg.attn_norm else None)
+                              qk_norm=inner if cfg.qk_norm else None, out_norm=inner if cfg.attn_norm else None,
+                              rotary=getattr(cfg, "rotary", "none"), n_prefix=getattr(cfg, "n_prefix", 0))
         self.ln2 = make_norm(block_norm, cfg.d_model)
         self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, gated=cfg.gated_mlp, norm=inner if cfg.mlp_norm else None)
         for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def forward(self, resid: Tensor, n_query: int | None = None) -> Tensor:
+    def forward(self, resid: Tensor, n_query: int | None = None, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """resid [batch, pos, d_model] -> [batch, pos, d_model]; with `n_query`, only the first
         n_query tokens are carried past the attention (all tokens still serve as keys and values):
-        -> [batch, n_query, d_model], for a readout that reads only those tokens."""
+        -> [batch, n_query, d_model], for a readout that reads only those tokens. `rotary`: the
+        attention's (sin, cos) tables for this layer, in a rotary model."""
         resid = self.hook_resid_pre(resid)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), n_query))
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), n_query, rotary))
         if n_query is not None:
             resid = resid[:, :n_query]
         resid = self.hook_resid_mid(resid + attn_out)

@@ -68,6 +68,18 @@ def _load_blocks(blocks, block_weights) -> None:
         _norm(block.mlp.norm, bw.mlp_norm, f"blocks.{i}.mlp.norm")
 
 
+def _load_rotary(embed, rotary, cfg) -> None:
+    if cfg.rotary == "none":
+        if rotary is not None:
+            raise PrismaError("weights give rotary tables but the config says rotary='none'")
+        return
+    if rotary is None:
+        raise PrismaError(f"the config says rotary={cfg.rotary!r} but the weights give no rotary tables")
+    _set(embed.rotary_sin, rotary.sin, "rotary.sin", zero_if_missing=False)
+    _set(embed.rotary_cos, rotary.cos, "rotary.cos", zero_if_missing=False)
+    embed.rotary_source = rotary.source
+
+
 def load_into(model, weights: ViTWeights) -> None:
     """Fill `model` (a HookedViT built from the matching config) from processed weights."""
     cfg = model.cfg
@@ -80,6 +92,7 @@ def load_into(model, weights: ViTWeights) -> None:
     prefix = [t.reshape(-1, cfg.d_model) for t in (weights.cls, weights.dist, weights.reg) if t is not None]
     _set(embed.prefix, torch.cat(prefix) if prefix else None, "prefix tokens", zero_if_missing=False)
     _set(embed.pos_embed, weights.pos_embed, "pos_embed", zero_if_missing=False)
+    _load_rotary(embed, weights.rotary, cfg)
     if cfg.ln_pre:
         _norm(model.ln_pre, weights.ln_pre, "ln_pre")
     _load_blocks(model.blocks, weights.blocks)

@@ -55,7 +55,8 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         if cfg.global_pool == "map":
             self.attn_pool = AttentionPool(
                 cfg.d_model, cfg.attn_pool_heads, cfg.attn_pool_latent_len,
-                cfg.attn_pool_d_mlp or cfg.d_mlp, cfg.act_fn, cfg.eps, has_norm=True, norm_type=cfg.norm_type)
+                cfg.attn_pool_d_mlp or cfg.d_mlp, cfg.attn_pool_act or cfg.act_fn, cfg.eps, has_norm=True,
+                norm_type=cfg.norm_type)
         self.hook_pooled = HookPoint()
         if cfg.d_proj:
             self.proj = nn.Linear(cfg.d_model, cfg.d_proj)
@@ -92,10 +93,11 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
             raise PrismaError(f"return_type must be 'logits', 'embeds', 'pooled', 'resid' or None, "
                               f"got {return_type!r}")
         check_images(images, self.cfg)
-        return self.run_from(self._embed(images), 0, return_type)
+        grid = (images.shape[-2] // self.cfg.patch_size[0], images.shape[-1] // self.cfg.patch_size[1])
+        return self.run_from(self._embed(images), 0, return_type, grid=grid)
 
     def run_from(self, resid: Tensor, layer: int, return_type: str | None = "logits",
-                 readout_only: bool = False) -> Tensor | None:
+                 readout_only: bool = False, grid: tuple[int, int] | None = None) -> Tensor | None:
         """Continue a forward pass from `blocks.{layer}.hook_resid_pre` = resid [batch, pos, d_model]
         (e.g. a cached residual stream, to rerun only the layers after a patch).
 
@@ -103,11 +105,15 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         block computes every token's keys and values but carries only those tokens on (about a
         quarter of a block's work); its sites from `attn_scores` on then hold only those rows,
         and `return_type="resid"` returns only them. Outputs are unchanged.
+        grid: the patch grid (rows, cols) of the images, which a rotary model's angles depend on;
+        by default the model's own grid, or the grid of the last images of this token count.
         """
         n_query = self.readout.query_tokens if readout_only else None
+        tables = self.embed.rotary(grid or self._grid_of(resid.shape[1]))
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks[layer:], start=layer):
-            resid = block(resid, n_query if i == last else None)
+            rotary = None if tables is None else (tables[0][i % len(tables[0])], tables[1][i % len(tables[1])])
+            resid = block(resid, n_query if i == last else None, rotary)
         if return_type == "resid":
             return resid
         pooled = self.hook_pooled(self.readout.pool(resid))
@@ -132,8 +138,23 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         """How many leading tokens the readout reads (`readout.query_tokens`)."""
         return self.readout.query_tokens
 
+    def _grid_of(self, n_tokens: int) -> tuple[int, int]:
+        """The patch grid of a residual stream of `n_tokens` tokens: the model's own, or the grid of
+        the last images embedded with that many patches (dynamic sizes)."""
+        n_patches = n_tokens - self.cfg.n_prefix
+        if n_patches == self.cfg.layout.n_patches or self.cfg.rotary == "none":
+            return self.cfg.layout.grid
+        grid = self.__dict__.get("_grids", {}).get(n_patches)
+        if grid is None:
+            raise PrismaError(f"run_from: {n_patches} patch tokens is not this model's grid {self.cfg.layout.grid}; "
+                              "pass grid=(rows, cols) for a rotary model")
+        return grid
+
     def _embed(self, images: Tensor) -> Tensor:
         patches, prefix, pos = self.embed(images)
+        if self.cfg.rotary != "none":  # the grid a later run_from on this stream must rotate by
+            grid = (images.shape[-2] // self.cfg.patch_size[0], images.shape[-1] // self.cfg.patch_size[1])
+            self.__dict__.setdefault("_grids", {})[grid[0] * grid[1]] = grid
         tokens = self.hook_patch_embed(patches)
         if prefix is not None:
             tokens = torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens], dim=1)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
+from .rotary import RotaryWeights
+
 Norm = tuple[Tensor, Tensor]  # (weight [d], bias [d]); an RMSNorm's bias is zeros
 
 
@@ -84,6 +86,7 @@ class ViTWeights:
     proj_b: Tensor | None = None
     head_module: nn.Module | None = None  # any head after pooling ([..., d] -> [..., n_classes]), instead of head_w
     patch_norm: Norm | None = None  # a norm on the patch tokens inside the patch embedding
+    rotary: RotaryWeights | None = None  # rotary angle tables (cfg.rotary != "none")
 
 
 @dataclass

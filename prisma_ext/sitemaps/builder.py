@@ -35,6 +35,8 @@ BLOCK_NAMES = {
     "v": "attn.hook_v",
     "q_norm": "attn.q_norm.hook_normalized",
     "k_norm": "attn.k_norm.hook_normalized",
+    "rot_q": "attn.hook_rot_q",
+    "rot_k": "attn.hook_rot_k",
     "pattern": "attn.hook_pattern",
     "z": "attn.hook_z",
     "attn_norm": "attn.norm.hook_normalized",
@@ -79,6 +81,8 @@ class BlockSites:
     attn_norm: Site | None = None
     mlp_pre_linear: Site | None = None
     mlp_norm: Site | None = None
+    rot_q: Site | None = None
+    rot_k: Site | None = None
 
     def named(self, block: str) -> dict[str, Site]:
         """{f"{block}.{tl name}": site} in forward order, leaving out the unmapped ones."""

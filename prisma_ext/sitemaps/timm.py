@@ -1,17 +1,23 @@
-"""timm `VisionTransformer` / `VisionTransformerDistilled`: HookedViT's site names on timm's modules.
+"""timm `VisionTransformer` / `VisionTransformerDistilled` / `Eva`: HookedViT's site names on timm's
+modules.
 
 Semantics are HookedViT's: `hook_attn_out`/`hook_mlp_out` are what the block adds to the residual
 stream (after layer scale), `hook_resid_mid` is the input of `norm2` (the residual stream itself,
 so an assignment copies into it), the pattern is `attn_drop`'s output with `fused_attn` switched
-off for the trace, `z` is `proj`'s input.
+off for the trace, `z` is `proj`'s input. Eva's rotary attention serves q, k, v and the rotated
+queries and keys from a swapped-in forward (`sitemaps.rotary`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from .attention import SwapForward
 from .builder import D_MLP, HEADS, PATTERN, POOLED, TOKENS, BlockSites, SiteMap
+from .rotary import rotary_attention
 from .spec import IDENTITY, Chunk, FlattenGrid, Half, Heads, SetAttr, Site, SwapAxes, Unsqueeze
+
+ROTARY_ATTENTION = ("EvaAttention", "AttentionRope")
 
 
 def _mlp_sites(p: str, mlp: nn.Module) -> dict[str, Site]:
@@ -43,10 +49,18 @@ def timm_vit_sites(m: nn.Module) -> dict[str, Site]:
         sites.add("hook_embed", Site("norm_pre"))
     for i, blk in enumerate(m.blocks):
         b, attn, heads = f"blocks.{i}", f"blocks.{i}.attn", blk.attn.num_heads
-        q, k, v = (Site(f"{attn}.qkv", view=Chunk(j, 3, heads), shape=HEADS) for j in range(3))
         has = {name: not isinstance(getattr(blk.attn, name), nn.Identity) for name in ("q_norm", "k_norm", "norm")}
+        if type(blk.attn).__name__ in ROTARY_ATTENTION:
+            swap = SwapForward(attn, rotary_attention)
+            q, k, v, rot_q, rot_k = (Site(attn, name, shape=HEADS, prepare=swap)
+                                     for name in ("q", "k", "v", "rot_q", "rot_k"))
+            if getattr(m, "rope", None) is None:
+                rot_q = rot_k = None
+        else:
+            q, k, v = (Site(f"{attn}.qkv", view=Chunk(j, 3, heads), shape=HEADS) for j in range(3))
+            rot_q = rot_k = None
         sites.block(i, BlockSites(
-            resid_pre=Site(b, "input"), ln1=Site(f"{b}.norm1"), q=q, k=k, v=v,
+            resid_pre=Site(b, "input"), ln1=Site(f"{b}.norm1"), q=q, k=k, v=v, rot_q=rot_q, rot_k=rot_k,
             q_norm=Site(f"{attn}.q_norm", view=SwapAxes(1, 2), shape=HEADS) if has["q_norm"] else None,
             k_norm=Site(f"{attn}.k_norm", view=SwapAxes(1, 2), shape=HEADS) if has["k_norm"] else None,
             pattern=Site(f"{attn}.attn_drop", shape=PATTERN, prepare=SetAttr(attn, "fused_attn", False)),

@@ -14,12 +14,12 @@ EXAMPLES = ["vit_small_patch16_224", "deit_small_distilled_patch16_224", "vit_sm
 
 
 def supported_timm_names() -> list[str]:
-    """timm model names built by the classes the timm adapter converts (timm's vision_transformer
-    and deit modules); a config there that uses a refused feature (qk_norm, SwiGLU ...) is still
-    refused, with the feature named, when it is loaded."""
+    """timm model names built by the classes the timm adapters convert (timm's vision_transformer,
+    deit and eva modules); a config there that uses a refused feature (post-norm blocks,
+    grouped-query attention ...) is still refused, with the feature named, when it is loaded."""
     import timm
 
-    return timm.list_models(module=["vision_transformer", "deit"])
+    return timm.list_models(module=["vision_transformer", "deit", "eva"])
 
 
 def suggest_names(name: str) -> list[str]:
@@ -55,11 +55,12 @@ class TimmSource(Source):
                 ) from err
             raise PrismaError(f"timm could not build {name}: {err}") from err
         module.eval()
+        from ..adapters.timm_eva import TimmEvaAdapter
         from ..adapters.timm_vit import TimmViTAdapter
 
-        adapter = TimmViTAdapter()
-        if not adapter.matches(module):
-            reason = adapter.refusal(module) or f"{type(module).__name__} is not a ViT"
+        adapters = (TimmViTAdapter(), TimmEvaAdapter())
+        if not any(adapter.matches(module) for adapter in adapters):
+            reason = adapters[0].refusal(module) or f"{type(module).__name__} is not a ViT"
             near = suggest_names(name) or EXAMPLES
             raise UnsupportedModelError(f"timm:{name}: {reason}; closest supported names: {', '.join(near)}")
         return module

@@ -21,17 +21,18 @@ VARIANTS = {
 
 
 def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter random values: LayerNorm and layer-scale weights near 1 (so signals
-    keep their size), everything else near 0; biases of norms random too."""
+    """Give every parameter random values: LayerNorm / RMSNorm and layer-scale weights near 1 (so
+    signals keep their size), everything else near 0; biases of norms random too."""
     gen = torch.Generator().manual_seed(seed)
     near_one = set()
     for mod_name, mod in module.named_modules():
-        if isinstance(mod, nn.LayerNorm) and mod.weight is not None:
+        is_norm = isinstance(mod, nn.LayerNorm) or type(mod).__name__ in ("RmsNorm", "RMSNorm")
+        if is_norm and getattr(mod, "weight", None) is not None:
             near_one.add(f"{mod_name}.weight" if mod_name else "weight")
     with torch.no_grad():
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            if name in near_one or name.rsplit(".", 1)[-1] == "gamma":
+            if name in near_one or name.rsplit(".", 1)[-1] in ("gamma", "gamma_1", "gamma_2"):
                 p.copy_(1.0 + 0.3 * noise)
             else:
                 p.copy_(0.15 * noise)
