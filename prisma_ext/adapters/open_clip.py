@@ -1,4 +1,5 @@
-"""Adapter for open_clip CLIP models whose towers are open_clip's own ViT and text transformer.
+"""Adapter for open_clip CLIP models whose towers are open_clip's own ViT (or a timm ViT trunk,
+`open_clip_trunk`) and open_clip's own text transformer.
 
 Structural flags read from the modules themselves: activation (GELU or QuickGELU), norm eps,
 heads and widths, ln_pre, pooling (class token or average), the final norm before or after
@@ -68,6 +69,24 @@ def _tower_widths(blocks) -> dict:
                 d_mlp=blk.mlp.c_fc.out_features, act_fn=_act_name(blk.mlp.gelu, "mlp"), eps=blk.ln_1.eps)
 
 
+def _text_projection(t: TextParts):
+    """The text projection as (weight [d_proj, d_model], bias); a tower without one (its pooled
+    token is the embedding) as an identity, so every CLIP text tower has `hook_text_embed`."""
+    proj = t.projection
+    if isinstance(proj, nn.Linear):
+        return proj.weight, proj.bias
+    if proj is not None:
+        return proj.T, None
+    import torch
+
+    weight = t.token_embedding.weight
+    return torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device), None
+
+
+def _is_trunk(visual: nn.Module) -> bool:
+    return type(visual).__name__ == "TimmModel" and hasattr(visual, "trunk")
+
+
 def _first_set(*values):
     """The first value that is not None (0 and "" count as set: an eos id of 0 is an id)."""
     return next((v for v in values if v is not None), None)
@@ -107,13 +126,22 @@ class OpenCLIPAdapter(CLIPAdapter):
         return f"open_clip {kind} is not supported; supported: {', '.join(CLIP_CLASSES)}"
 
     def check(self, model: nn.Module) -> None:
-        from open_clip.transformer import TextTransformer, VisionTransformer
+        from open_clip.transformer import VisionTransformer
 
         visual = model.visual
-        if type(visual) is not VisionTransformer:
-            feature = {"TimmModel": "a timm visual trunk (load the timm model itself with 'timm:')",
-                       "ModifiedResNet": "a ResNet visual tower"}.get(type(visual).__name__, type(visual).__name__)
+        if _is_trunk(visual):
+            from .open_clip_trunk import check_trunk
+
+            check_trunk(visual)
+        elif type(visual) is not VisionTransformer:
+            feature = {"ModifiedResNet": "a ResNet visual tower"}.get(type(visual).__name__, type(visual).__name__)
             raise UnsupportedModelError(f"open_clip visual tower: {feature} is not supported")
+        else:
+            self._check_own_visual(visual)
+        self._check_text(model)
+
+    @staticmethod
+    def _check_own_visual(visual: nn.Module) -> None:
         if visual.attn_pool is not None:
             raise UnsupportedModelError("open_clip visual tower: the attentional pooler (CoCa) is not supported")
         if visual.pool_type not in ("tok", "avg"):
@@ -121,6 +149,11 @@ class OpenCLIPAdapter(CLIPAdapter):
         if visual.proj is None:
             raise UnsupportedModelError("open_clip visual tower without its projection is not supported")
         _check_resblocks(visual.transformer.resblocks, "visual.transformer")
+
+    @staticmethod
+    def _check_text(model: nn.Module) -> None:
+        from open_clip.transformer import TextTransformer
+
         if hasattr(model, "text") and type(model.text) is not TextTransformer:
             raise UnsupportedModelError(
                 f"open_clip text tower {type(model.text).__name__} (a Hugging Face text encoder) is not supported")
@@ -129,8 +162,6 @@ class OpenCLIPAdapter(CLIPAdapter):
             raise UnsupportedModelError("open_clip text tower: the appended class token (CoCa) is not supported")
         if getattr(text.src, "use_pad_mask", False):
             raise UnsupportedModelError("open_clip text tower: the padding mask is not supported")
-        if text.projection is None:
-            raise UnsupportedModelError("open_clip text tower without its projection is not supported")
         if text.pool not in ("argmax", "eos", "last", "first"):
             raise UnsupportedModelError(f"open_clip text tower: pool_type={text.pool!r} is not supported")
         _check_resblocks(text.blocks, "text.transformer")
@@ -141,6 +172,11 @@ class OpenCLIPAdapter(CLIPAdapter):
         from open_clip import get_model_preprocess_cfg
 
         pre = get_model_preprocess_cfg(model) or {}
+        if _is_trunk(v):
+            from .open_clip_trunk import trunk_config
+
+            return trunk_config(v, mean=tuple(pre.get("mean", OPENAI_MEAN)), std=tuple(pre.get("std", OPENAI_STD)),
+                                crop_pct=1.0, source=getattr(model, "_prisma_source", "open_clip"))
         return ViTConfig(
             **_tower_widths(v.transformer.resblocks),
             eps_final=_eps(v.ln_post, "visual.ln_post"),
@@ -164,6 +200,10 @@ class OpenCLIPAdapter(CLIPAdapter):
 
     def weights(self, model: nn.Module) -> ViTWeights:
         v = model.visual
+        if _is_trunk(v):
+            from .open_clip_trunk import trunk_weights
+
+            return trunk_weights(v)
         return ViTWeights(
             patch_w=v.conv1.weight, patch_b=v.conv1.bias, cls=v.class_embedding, dist=None, reg=None,
             pos_embed=v.positional_embedding, ln_pre=norm_params(v.ln_pre),
@@ -175,8 +215,7 @@ class OpenCLIPAdapter(CLIPAdapter):
     # ---------------------------------------------------------------- text
     def text_config(self, model: nn.Module) -> TextConfig:
         t = TextParts(model)
-        proj = t.projection
-        d_proj = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+        d_proj = _text_projection(t)[0].shape[0]
         return TextConfig(
             **_tower_widths(t.blocks),
             eps_final=_eps(t.ln_final, "text.ln_final"),
@@ -193,8 +232,7 @@ class OpenCLIPAdapter(CLIPAdapter):
 
     def text_weights(self, model: nn.Module) -> TextWeights:
         t = TextParts(model)
-        proj = t.projection
-        proj_w, proj_b = (proj.weight, proj.bias) if isinstance(proj, nn.Linear) else (proj.T, None)
+        proj_w, proj_b = _text_projection(t)
         return TextWeights(
             token_embed=t.token_embedding.weight, pos_embed=t.positional_embedding,
             blocks=[resblock_weights(b) for b in t.blocks], ln_final=norm_params(t.ln_final),
@@ -228,8 +266,12 @@ class OpenCLIPAdapter(CLIPAdapter):
     def site_map(self, model: nn.Module) -> dict:
         """HookedCLIP's site names on open_clip's own modules, image tower first
         (`prisma_ext.sitemaps.open_clip`)."""
-        from ..sitemaps.open_clip import open_clip_sites
+        from ..sitemaps.open_clip import open_clip_sites, open_clip_text_sites
 
+        if _is_trunk(model.visual):
+            from .open_clip_trunk import trunk_sites
+
+            return {**trunk_sites(model.visual), **open_clip_text_sites(model)}
         return open_clip_sites(model)
 
 

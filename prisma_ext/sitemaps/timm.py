@@ -39,16 +39,21 @@ def _mlp_sites(p: str, mlp: nn.Module) -> dict[str, Site]:
     return sites
 
 
-def timm_vit_sites(m: nn.Module) -> dict[str, Site]:
-    """The site map of a timm ViT `m`, in forward order."""
-    sites = SiteMap()
-    sites.add("hook_patch_embed", Site("patch_embed", view=FlattenGrid() if m.dynamic_img_size else IDENTITY,
+def timm_vit_sites(m: nn.Module, prefix: str = "", path: str = "") -> dict[str, Site]:
+    """The site map of a timm ViT `m`, in forward order. `prefix`: put before every site name
+    (e.g. "visual."); `path`: where `m` sits in the traced root module (e.g. "visual.trunk")."""
+    def at(sub: str) -> str:
+        return f"{path}.{sub}" if path else sub
+
+    sites = SiteMap(prefix)
+    sites.add("hook_patch_embed", Site(at("patch_embed"), view=FlattenGrid() if m.dynamic_img_size else IDENTITY,
                                        shape=TOKENS))
     if not isinstance(m.norm_pre, nn.Identity):
-        sites.add("hook_full_embed", Site("norm_pre", "input"))
-        sites.add("hook_embed", Site("norm_pre"))
+        sites.add("hook_full_embed", Site(at("norm_pre"), "input"))
+        sites.add("hook_embed", Site(at("norm_pre")))
     for i, blk in enumerate(m.blocks):
-        b, attn, heads = f"blocks.{i}", f"blocks.{i}.attn", blk.attn.num_heads
+        b, heads = at(f"blocks.{i}"), blk.attn.num_heads
+        attn = f"{b}.attn"
         has = {name: not isinstance(getattr(blk.attn, name), nn.Identity) for name in ("q_norm", "k_norm", "norm")}
         if type(blk.attn).__name__ in ROTARY_ATTENTION:
             swap = SwapForward(attn, rotary_attention)
@@ -72,9 +77,9 @@ def timm_vit_sites(m: nn.Module) -> dict[str, Site]:
             mlp_out=Site(f"{b}.drop_path2"), resid_post=Site(b)))
     distilled = getattr(m, "dist_token", None) is not None  # its head reads two tokens apart, never fc_norm
     if not distilled and not isinstance(m.fc_norm, nn.Identity):
-        sites.add("ln_final.hook_normalized", Site("fc_norm", view=Unsqueeze(1), shape="[batch, 1, d_model]"))
+        sites.add("ln_final.hook_normalized", Site(at("fc_norm"), view=Unsqueeze(1), shape="[batch, 1, d_model]"))
     elif not isinstance(m.norm, nn.Identity):
-        sites.add("ln_final.hook_normalized", Site("norm"))
+        sites.add("ln_final.hook_normalized", Site(at("norm")))
     if not distilled:
-        sites.add("hook_pooled", Site("head", "input", shape=POOLED))
+        sites.add("hook_pooled", Site(at("head"), "input", shape=POOLED))
     return sites.done()

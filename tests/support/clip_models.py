@@ -65,3 +65,48 @@ def small_hf_clip(seed: int = 0, act: str = "quick_gelu", eos_token_id: int = 49
         projection_dim=24,
     )
     return randomize_(CLIPModel(config).eval(), seed)
+
+
+TRUNK_SHRINK = dict(depth=2, embed_dim=32, num_heads=2)
+
+
+def small_open_clip_timm(name: str, seed: int = 0, on_meta: bool = False):
+    """A random open_clip model of `name` whose visual tower is a timm trunk: the trunk built by
+    timm from the same model name and arguments open_clip passes, with fewer layers, a narrower
+    width and a two-by-two patch grid (every other flag kept), and the text tower shrunk as in
+    `small_open_clip`. `on_meta`: a trunk family that cannot be shrunk this way is built at full
+    size on the meta device (no weights), for checking a refusal."""
+    import timm
+    from open_clip import timm_model
+    from open_clip.factory import get_model_config
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    cfg = copy.deepcopy(get_model_config(name))
+    cfg["embed_dim"] = 24 if cfg["vision_cfg"].get("timm_proj") != "none" else TRUNK_SHRINK["embed_dim"]
+    patch = 14 if "patch14" in cfg["vision_cfg"]["timm_model_name"] else 16
+    cfg["vision_cfg"]["image_size"] = 2 * patch
+    cfg["text_cfg"].update(SMALL_TEXT)
+    custom = cfg.pop("custom_text", False)
+    real = timm.create_model
+
+    def shrunk(model_name, **kwargs):
+        return real(model_name, **{**kwargs, **TRUNK_SHRINK, "img_size": 2 * patch})
+
+    timm_model.timm.create_model = shrunk
+    try:
+        model = (CustomTextCLIP if custom else CLIP)(**cfg)
+    except (TypeError, AssertionError):  # a trunk that takes no such arguments (ConvNeXt, FastViT, ...)
+        if not on_meta:
+            raise
+        with torch.device("meta"):  # built at full size without weights: enough for a refusal by name
+            timm_model.timm.create_model = real
+            full = copy.deepcopy(get_model_config(name))
+            full.pop("custom_text", None)
+            model = (CustomTextCLIP if custom else CLIP)(**full)
+        model._prisma_arch = name
+        return model.eval()
+    finally:
+        timm_model.timm.create_model = real
+    model = randomize_(model.eval(), seed)
+    model._prisma_arch = name
+    return model
