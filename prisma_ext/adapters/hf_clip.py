@@ -58,6 +58,7 @@ class HFCLIPAdapter(TransformersCLIPAdapter):
 
     name = "hf-clip"
     classes = HF_CLASSES
+    model_types = {"clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel"}
 
     @staticmethod
     def _vision(model: nn.Module) -> nn.Module:

@@ -13,6 +13,7 @@ from .base import Adapter, CLIPAdapter
 HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
            "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
 SUPPORTED: list[str] = []  # every transformers class some adapter below converts
+DEFAULT_CLASSES: dict[str, str] = {}  # config.model_type -> the class `hf:` builds when the config names none
 
 
 def is_transformers(module: nn.Module) -> bool:
@@ -25,10 +26,12 @@ class TransformersAdapter(Adapter):
 
     classes: tuple[str, ...] = ()
     family: str = ""
+    model_types: dict[str, str] = {}  # config.model_type -> default class, for `hf:` sources
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         SUPPORTED.extend(c for c in cls.__dict__.get("classes", ()) if c not in SUPPORTED)
+        DEFAULT_CLASSES.update(cls.__dict__.get("model_types", {}))
 
     def matches(self, module: nn.Module) -> bool:
         return is_transformers(module) and type(module).__name__ in self.classes
@@ -38,6 +41,15 @@ class TransformersAdapter(Adapter):
         if is_transformers(module) and kind.startswith(self.family):
             return f"Hugging Face {kind} is not supported; supported: {', '.join(SUPPORTED)}"
         return None
+
+
+def class_for(config) -> str | None:
+    """The transformers class `hf:` builds for a config: the first class its `architectures` name
+    that an adapter converts, else the default for its `model_type`; None if neither."""
+    for name in getattr(config, "architectures", None) or []:
+        if name in SUPPORTED:
+            return name
+    return DEFAULT_CLASSES.get(config.model_type)
 
 
 class TransformersCLIPAdapter(TransformersAdapter, CLIPAdapter):

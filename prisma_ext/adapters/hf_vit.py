@@ -25,6 +25,7 @@ class HFViTAdapter(TransformersAdapter):
     name = "hf-vit"
     classes = HF_VIT_CLASSES
     family = "ViT"
+    model_types = {"vit": "ViTForImageClassification"}
 
     @staticmethod
     def _vit(model: nn.Module) -> nn.Module:

@@ -10,7 +10,8 @@ from ..errors import UnsupportedModelError
 from .base import Adapter
 
 _BUILTIN_MODULES = ("prisma_ext.adapters.timm_vit", "prisma_ext.adapters.timm_eva", "prisma_ext.adapters.open_clip",
-                    "prisma_ext.adapters.hf_vit", "prisma_ext.adapters.hf_clip")
+                    "prisma_ext.adapters.hf_vit", "prisma_ext.adapters.hf_clip", "prisma_ext.adapters.hf_dino",
+                    "prisma_ext.adapters.hf_siglip")
 _user_adapters: list[Adapter] = []
 _builtin_adapters: list[Adapter] = []
 
@@ -32,6 +33,11 @@ def register_adapter(adapter: Adapter | type[Adapter]) -> Adapter | type[Adapter
 
 def unregister_adapter(name: str) -> None:
     _user_adapters[:] = [a for a in _user_adapters if a.name != name]
+
+
+def builtin_adapters() -> list[Adapter]:
+    """The built-in adapters (importing their modules)."""
+    return list(_builtins())
 
 
 def _builtins() -> list[Adapter]:

@@ -1,0 +1,3 @@
+"""Hugging Face DINOv2 / DINOv2 with registers / DINOv3 / DeiT (being written)."""
+
+ADAPTERS: list = []
