@@ -30,12 +30,13 @@ class Adapter:
 
     Required: `name`, `matches`, `config`, `weights`. Optional: `refusal`, `check`, `class_names`,
     `site_map` (without it only the TL backend takes the model), `traced_class` (a
-    `prisma_ext.traced.TracedModel` subclass for inputs that are not image tensors; None: the
-    nnsight backend picks `TracedViT` or, for `is_clip` models, `TracedCLIP`).
+    `prisma_ext.traced.TracedModel` subclass for inputs that are not image tensors, or its
+    "module:Class" path so that the adapter need not import nnsight; None: the nnsight backend
+    picks `TracedViT` or, for `is_clip` models, `TracedCLIP`).
     """
 
     name: str = "adapter"
-    traced_class: type | None = None
+    traced_class: type | str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -73,6 +74,18 @@ class Adapter:
     def is_clip(self, module: nn.Module) -> bool:
         """Whether `module` has a text tower too (it becomes a HookedCLIP / TracedCLIP)."""
         return False
+
+    def output_tensor(self, output) -> Tensor:
+        """The tensor a forward's `output` stands for (what the analysis layer reads on the nnsight
+        backend): the output itself, or a Hugging Face output's `logits`, `image_embeds` or
+        `pooler_output`."""
+        if isinstance(output, Tensor):
+            return output
+        for name in ("logits", "image_embeds", "pooler_output"):
+            value = getattr(output, name, None)
+            if value is not None:
+                return value
+        return output
 
     def reference_output(self, module: nn.Module, images: Tensor) -> Tensor:
         """The source's own forward on `images` [batch, C, H, W]: the tensor the converted model's

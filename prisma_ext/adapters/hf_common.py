@@ -39,16 +39,29 @@ class TransformersAdapter(Adapter):
     def refusal(self, module: nn.Module) -> str | None:
         kind = type(module).__name__
         if is_transformers(module) and kind.startswith(self.family):
-            return f"Hugging Face {kind} is not supported; supported: {', '.join(SUPPORTED)}"
+            return f"Hugging Face {kind} is not supported; supported: {', '.join(sorted(SUPPORTED))}"
         return None
+
+
+def class_token_output(output):
+    """A ViT-style transformers output as one tensor: `logits`; else the pooler's output; else
+    (no pooler) the final-normalised class token `last_hidden_state[:, 0]`."""
+    if getattr(output, "logits", None) is not None:
+        return output.logits
+    pooled = getattr(output, "pooler_output", None)
+    return pooled if pooled is not None else output.last_hidden_state[:, 0]
 
 
 def class_for(config) -> str | None:
     """The transformers class `hf:` builds for a config: the first class its `architectures` name
-    that an adapter converts, else the default for its `model_type`; None if neither."""
-    for name in getattr(config, "architectures", None) or []:
+    that an adapter converts (else the first it names, to be refused by name), else the default
+    for its `model_type`; None if none."""
+    named = getattr(config, "architectures", None) or []
+    for name in named:
         if name in SUPPORTED:
             return name
+    if named:  # a class no adapter converts: build it, so that loading it names the refusal
+        return named[0]
     return DEFAULT_CLASSES.get(config.model_type)
 
 

@@ -1,11 +1,15 @@
-"""Adapter for Hugging Face `ViTForImageClassification` and `ViTModel` (without its pooler).
+"""Adapter for Hugging Face `ViTForImageClassification` and `ViTModel` (with or without its pooler).
 
 The layout is transformers 5's: `vit.layers[i]` with `layernorm_before`, `attention.{q,k,v,o}_proj`,
 `layernorm_after`, `mlp.fc1/fc2`; the final `layernorm` normalises every token and `classifier`
-reads the class token. Activation, eps, heads and widths come from the model's config.
+reads the class token. `ViTModel`'s pooler (dense + tanh on the class token) is a module head
+(`head_type="module"`), and the output is then its `pooler_output`. Activation, eps, heads and
+widths come from the model's config.
 """
 
 from __future__ import annotations
+
+import copy
 
 from torch import nn
 
@@ -13,14 +17,15 @@ from ..errors import UnsupportedModelError
 from ..hooked.config import ViTConfig
 from ..hooked.weights import BlockWeights, ViTWeights
 from .base import norm_params
-from .hf_common import HF_ACTS, TransformersAdapter
+from .hf_common import HF_ACTS, TransformersAdapter, class_token_output
 
 HF_VIT_CLASSES = ("ViTForImageClassification", "ViTModel")
 
 
 class HFViTAdapter(TransformersAdapter):
     """transformers `ViTForImageClassification` (logits from `classifier` on the class token) or
-    `ViTModel` built with `add_pooling_layer=False` (no head: `n_classes=0`) -> HookedViT."""
+    `ViTModel` (its pooler as a module head; built with `add_pooling_layer=False`, no head:
+    `n_classes=0`) -> HookedViT."""
 
     name = "hf-vit"
     classes = HF_VIT_CLASSES
@@ -37,10 +42,6 @@ class HFViTAdapter(TransformersAdapter):
         if cfg.hidden_act not in HF_ACTS:
             raise UnsupportedModelError(f"Hugging Face ViT activation {cfg.hidden_act!r} is not supported "
                                         f"(supported: {', '.join(HF_ACTS)})")
-        if getattr(vit, "pooler", None) is not None:
-            raise UnsupportedModelError(
-                "Hugging Face ViTModel's pooler (dense + tanh on the class token) is not supported; "
-                "build it with ViTModel(config, add_pooling_layer=False)")
         if not hasattr(vit, "layers"):
             raise UnsupportedModelError("this Hugging Face ViT predates transformers 5's layout "
                                         "(vit.layers with attention.q_proj/...); upgrade transformers")
@@ -56,11 +57,14 @@ class HFViTAdapter(TransformersAdapter):
         proj = vit.embeddings.patch_embeddings.projection
         classifier = getattr(model, "classifier", None)
         size = tuple(vit.embeddings.patch_embeddings.image_size)
+        pooler = getattr(vit, "pooler", None)
+        n_classes = classifier.out_features if isinstance(classifier, nn.Linear) else 0
         return ViTConfig(
             d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=attn.num_attention_heads,
             d_head=attn.head_dim, d_mlp=cfg.intermediate_size, act_fn=HF_ACTS[cfg.hidden_act],
             eps=cfg.layer_norm_eps, eps_final=cfg.layer_norm_eps, final_norm="tokens", d_proj=0,
-            n_classes=classifier.out_features if isinstance(classifier, nn.Linear) else 0,
+            n_classes=pooler.dense.out_features if pooler is not None else n_classes,
+            head_type="module" if pooler is not None else "linear",
             img_size=size, patch_size=tuple(proj.kernel_size), in_chans=proj.in_channels,
             n_cls=1, global_pool="token",
             source=getattr(model, "_prisma_source", f"hf:{getattr(model, 'name_or_path', '') or 'ViT'}"),
@@ -86,15 +90,21 @@ class HFViTAdapter(TransformersAdapter):
                 fc2_w=layer.mlp.fc2.weight, fc2_b=layer.mlp.fc2.bias))
         classifier = getattr(model, "classifier", None)
         head = classifier if isinstance(classifier, nn.Linear) else None
+        pooler = getattr(vit, "pooler", None)
         return ViTWeights(
             patch_w=emb.patch_embeddings.projection.weight, patch_b=emb.patch_embeddings.projection.bias,
             cls=emb.cls_token.reshape(-1), dist=None, reg=None, pos_embed=emb.position_embeddings[0],
             ln_pre=None, blocks=blocks, ln_final=norm_params(vit.layernorm),
-            head_w=head.weight if head is not None else None, head_b=head.bias if head is not None else None)
+            head_w=head.weight if head is not None else None, head_b=head.bias if head is not None else None,
+            head_module=nn.Sequential(copy.deepcopy(pooler.dense), copy.deepcopy(pooler.activation))
+            if pooler is not None else None)
+
+    def output_tensor(self, output):
+        """logits; a ViTModel's pooler output, or without a pooler the normalised class token."""
+        return class_token_output(output)
 
     def reference_output(self, model: nn.Module, images):
-        out = model(pixel_values=images)
-        return out.logits if hasattr(out, "logits") else out.last_hidden_state[:, 0]
+        return self.output_tensor(model(pixel_values=images))
 
     def class_names(self, model: nn.Module) -> list[str] | None:
         classifier = getattr(model, "classifier", None)
@@ -105,10 +115,16 @@ class HFViTAdapter(TransformersAdapter):
 
     # ---------------------------------------------------------------- nnsight sites
     def site_map(self, model: nn.Module) -> dict:
-        """HookedViT's site names on the transformers modules (`prisma_ext.sitemaps.hf`)."""
+        """HookedViT's site names on the transformers modules (`prisma_ext.sitemaps.hf`); with a
+        pooler, `hook_pooled` is its dense layer's input (the normalised class token)."""
+        from ..sitemaps.builder import POOLED
         from ..sitemaps.hf import hf_vit_sites
+        from ..sitemaps.spec import Site
 
-        return hf_vit_sites(model)
+        sites = hf_vit_sites(model)
+        if getattr(self._vit(model), "pooler", None) is not None:
+            sites["hook_pooled"] = Site("pooler.dense", "input", shape=POOLED)
+        return sites
 
 
 ADAPTERS = [HFViTAdapter()]

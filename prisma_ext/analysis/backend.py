@@ -315,7 +315,7 @@ class NNsightBackend(Backend):
                         model.set_site(name, value)
                     if name in read:
                         acts[name] = value
-                output = save(_tensor_output(model.output))
+                output = save(_tensor_output(model, model.output))
             grads = _grads(grad_of(output), acts) if grad_of is not None else {}
         return Run(output, dict(acts), grads)
 
@@ -334,13 +334,11 @@ class NNsightBackend(Backend):
         return self.model.select_sites(names)
 
 
-def _tensor_output(output):
-    """The model's output as the tensor the analysis reads: a Hugging Face classifier's `logits`,
-    a model without a head its `pooler_output` (else the output itself)."""
-    for name in ("logits", "pooler_output"):
-        if not isinstance(output, Tensor) and hasattr(output, name):
-            return getattr(output, name)
-    return output
+def _tensor_output(model, output):
+    """The model's output as the tensor the analysis reads (its adapter's `output_tensor`: a
+    Hugging Face classifier's `logits`, a model without a head its pooled output, ...)."""
+    model._px_live()  # the adapter, rebuilt where an unpickled model lost it
+    return model._px_adapter.output_tensor(output)
 
 
 def weights_copy(model):

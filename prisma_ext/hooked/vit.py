@@ -272,7 +272,10 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
             f"HookedViT from {cfg.source or 'weights'}: {cfg.n_layers} layers, d_model {cfg.d_model}, "
             f"{cfg.n_heads} heads x d_head {cfg.d_head}, d_mlp {cfg.d_mlp}, act {cfg.act_fn}, "
             f"{n_params / 1e6:.2f}M parameters",
-            f"norms: LayerNorm eps {cfg.eps}{', ln_pre' if cfg.ln_pre else ''}, final norm on "
+            f"norms: {'RMSNorm' if cfg.norm_type == 'rmsnorm' else 'LayerNorm'} eps {cfg.eps}"
+            f"{', ln_pre' if cfg.ln_pre else ''}{', qk-norm' if cfg.qk_norm else ''}"
+            f"{f', rotary ({cfg.rotary})' if cfg.rotary != 'none' else ''}"
+            f"{', gated MLP' if cfg.gated_mlp else ''}, final norm on "
             f"{cfg.final_norm}; pooling {cfg.global_pool}"
             f"{' + distillation head' if cfg.n_dist else ''}"
             f"{f'; projection to {cfg.d_proj}' if cfg.d_proj else ''}; {cfg.n_classes} classes",

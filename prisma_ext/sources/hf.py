@@ -7,6 +7,33 @@ from torch import nn
 from ..errors import PrismaError, UnsupportedModelError
 from . import Source, is_path
 
+POOLED_CLASSES = ("ViTModel", "DeiTModel")  # built with or without a pooler (add_pooling_layer)
+
+
+def _has_pooler(source: str) -> bool:
+    """Whether a saved folder's checkpoint has pooler weights (a repo id: the class default, with)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return True
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return any(".pooler." in f".{k}" for k in json.loads(index.read_text())["weight_map"])
+    keys: list[str] = []
+    for file in folder.glob("*.safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as handle:
+            keys += list(handle.keys())
+    if not keys:
+        import torch
+
+        for file in folder.glob("*.bin"):
+            keys += list(torch.load(file, map_location="meta", weights_only=True))
+    return any(".pooler." in f".{k}" for k in keys)
+
 
 class HFSource(Source):
     prefix = "hf"
@@ -29,9 +56,11 @@ class HFSource(Source):
         if kind is None:
             raise UnsupportedModelError(f"hf:{name}: model type {config.model_type!r} is not supported; "
                                         f"supported: {', '.join(sorted(DEFAULT_CLASSES))}")
-        cls = getattr(transformers, kind)
-        if kind == "ViTModel" and "add_pooling_layer" not in kwargs:
-            kwargs = dict(kwargs, add_pooling_layer=False)  # its pooler (dense + tanh) has no HookedViT part
+        cls = getattr(transformers, kind, None)
+        if cls is None:
+            raise UnsupportedModelError(f"hf:{name}: transformers has no class {kind!r} (its config's architectures)")
+        if kind in POOLED_CLASSES and "add_pooling_layer" not in kwargs and pretrained:
+            kwargs = dict(kwargs, add_pooling_layer=_has_pooler(source))  # build what the checkpoint holds
         try:
             module = cls.from_pretrained(source, **kwargs) if pretrained else cls(config, **kwargs)
         except (OSError, ValueError) as err:

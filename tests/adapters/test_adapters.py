@@ -282,10 +282,10 @@ def test_traced_class_and_the_old_to_traced_hook():
 
 
 def test_every_hugging_face_refusal_lists_every_supported_class():
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import BeitConfig, BeitModel
 
     with pytest.raises(UnsupportedModelError) as err:
-        px.load(Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=64, image_size=16, patch_size=8)))
+        px.load(BeitModel(BeitConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, image_size=16, patch_size=8)))
     for cls in ("CLIPModel", "CLIPVisionModel", "ViTForImageClassification", "ViTModel"):
         assert cls in str(err.value)

@@ -1,5 +1,5 @@
-"""Hugging Face ViT classifiers (`ViTForImageClassification`, `ViTModel` without pooler): the TL
-backend equals transformers' own forward, the nnsight backend's sites equal the TL backend's, and
+"""Hugging Face ViT classifiers (`ViTForImageClassification`, `ViTModel` with or without its pooler):
+the TL backend equals transformers' own forward, the nnsight backend's sites equal the TL backend's, and
 remote tracing (nnsight's local simulation) equals a local trace."""
 
 from __future__ import annotations
@@ -75,6 +75,26 @@ def test_vit_model_without_pooler_has_no_head():
     torch.testing.assert_close(cache["ln_final.hook_normalized"], out.last_hidden_state, atol=0, rtol=0)
 
 
+def test_vit_model_pooler_is_a_module_head():
+    """ViTModel's pooler (dense + tanh on the normalised class token): a module head whose output is
+    `pooler_output`, on both backends; the methods that need a linear readout refuse it."""
+    src = small_vit("non_square", seed=9, cls=ViTModel)
+    hooked, traced, images = px.load(src), px.load(src, backend="nnsight"), images_for(src)
+    with torch.no_grad():
+        out = src(pixel_values=images)
+        torch.testing.assert_close(hooked(images), out.pooler_output, atol=1e-4, rtol=0)
+        _, tl_cache = hooked.run_with_cache(images)
+        traced_out, cache = traced.run_with_cache(images)
+    assert (hooked.cfg.head_type, hooked.cfg.n_classes) == ("module", 48) and "hook_pooled" in cache
+    for name, value in cache.items():
+        torch.testing.assert_close(value, tl_cache[name], atol=1e-5, rtol=0, msg=name)
+    torch.testing.assert_close(traced_out.pooler_output, out.pooler_output, atol=1e-5, rtol=0)
+    torch.testing.assert_close(px.logit_lens(traced, images).values, px.logit_lens(hooked, images).values,
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(PrismaError, match="linear head"):
+        px.direct_logit_attribution(hooked, images, 1, by=("layer",))
+
+
 @pytest.mark.parametrize("variant", ["plain", "gelu_new_no_qkv_bias"])
 def test_nnsight_sites_equal_the_tl_backend(variant):
     src = small_vit(variant, seed=4)
@@ -129,6 +149,28 @@ def test_hf_folder_loads_both_classes(saved_vit, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), bare(pixel_values=images).last_hidden_state[:, 0],
                                    atol=1e-4, rtol=0)
+    assert loaded.cfg.head_type == "linear" and loaded.cfg.n_classes == 0  # built as saved: no pooler
+    pooled = small_vit(seed=8, cls=ViTModel)
+    pooled.save_pretrained(tmp_path / "pooled")
+    loaded = px.load(f"hf:{tmp_path / 'pooled'}")
+    assert loaded.cfg.head_type == "module"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), pooled(pixel_values=images).pooler_output, atol=1e-4, rtol=0)
+    masked = small_vit(seed=9, cls=ViTForMaskedImageModeling)
+    masked.save_pretrained(tmp_path / "masked")  # a folder naming a class no adapter converts: refused by name
+    with pytest.raises(UnsupportedModelError, match="ViTForMaskedImageModeling"):
+        px.load(f"hf:{tmp_path / 'masked'}")
+
+
+def test_nnsight_analysis_of_a_vit_model_without_pooler():
+    """Its output has no pooler_output (None): the analysis reads the normalised class token."""
+    src = small_vit(seed=10, cls=ViTModel, add_pooling_layer=False)
+    images = images_for(src)
+    hooked, traced = px.load(src), px.load(src, backend="nnsight")
+    target = px.FunctionTarget(lambda out: out[:, 0] - out[:, 1])  # two features of the class token
+    on_tl = px.activation_patching(hooked, images[:1], images[1:], target, sites=("resid_pre",), progress=False)
+    on_nn = px.activation_patching(traced, images[:1], images[1:], target, sites=("resid_pre",), progress=False)
+    torch.testing.assert_close(on_nn["resid_pre"].values, on_tl["resid_pre"].values, atol=1e-5, rtol=0)
 
 
 def traced_values(model, images):
@@ -165,14 +207,10 @@ def test_remote_local_simulation_equals_a_local_trace(saved_vit):
 
 # ---------------------------------------------------------------- refusals
 def test_refusals_name_the_feature(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="pooler"):
-        px.load(small_vit(cls=ViTModel))
-    with pytest.raises(UnsupportedModelError, match="pooler"):
-        px.load(small_vit(cls=ViTModel), backend="nnsight")
     with pytest.raises(UnsupportedModelError, match="activation 'gelu_fast'"):
         px.load(ViTForImageClassification(ViTConfig(**SMALL, hidden_act="gelu_fast")))
     with pytest.raises(UnsupportedModelError, match="ViTForMaskedImageModeling is not supported; supported: "
-                                                    "ViTForImageClassification"):
+                                                    ".*ViTForImageClassification, ViTModel"):
         px.load(ViTForMaskedImageModeling(ViTConfig(**SMALL)))
     src = small_vit(cls=ViTForMaskedImageModeling)
     src.save_pretrained(tmp_path / "mim")

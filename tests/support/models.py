@@ -26,13 +26,13 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     near_one = set()
     for mod_name, mod in module.named_modules():
-        is_norm = isinstance(mod, nn.LayerNorm) or type(mod).__name__ in ("RmsNorm", "RMSNorm")
+        is_norm = isinstance(mod, nn.LayerNorm) or type(mod).__name__.endswith(("RmsNorm", "RMSNorm"))
         if is_norm and getattr(mod, "weight", None) is not None:
             near_one.add(f"{mod_name}.weight" if mod_name else "weight")
     with torch.no_grad():
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            if name in near_one or name.rsplit(".", 1)[-1] in ("gamma", "gamma_1", "gamma_2"):
+            if name in near_one or name.rsplit(".", 1)[-1] in ("gamma", "gamma_1", "gamma_2", "lambda1"):
                 p.copy_(1.0 + 0.3 * noise)
             else:
                 p.copy_(0.15 * noise)
