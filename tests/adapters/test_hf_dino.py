@@ -9,16 +9,12 @@ import pytest
 import torch
 from transformers import (
     DeiTConfig,
-    DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher,
     DeiTForMaskedImageModeling,
-    DeiTModel,
     Dinov2Config,
     Dinov2ForImageClassification,
     Dinov2Model,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersForImageClassification,
-    Dinov2WithRegistersModel,
     DINOv3ViTBackbone,
     DINOv3ViTConfig,
     DINOv3ViTModel,
@@ -27,45 +23,9 @@ from transformers import (
 import prisma_ext as px
 from prisma_ext.adapters.hf_common import class_for
 from prisma_ext.errors import InputError, PrismaError, UnsupportedModelError
-from tests.support.models import module_hooks, randomize_
-
-SMALL = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3)
-LABELS = dict(num_labels=5, id2label={i: f"class {i}" for i in range(5)})
-CONFIGS = {  # name -> (model class, config, constructor keywords); non-default flags throughout
-    "dinov2": (Dinov2Model, Dinov2Config(**SMALL, mlp_ratio=2, image_size=28, patch_size=7, hidden_act="gelu_new"), {}),
-    "dinov2_swiglu_no_qkv_bias": (Dinov2Model, Dinov2Config(**SMALL, image_size=32, patch_size=8, use_swiglu_ffn=True,
-                                                            qkv_bias=False, layer_norm_eps=1e-5), {}),
-    "dinov2_registers": (Dinov2WithRegistersModel, Dinov2WithRegistersConfig(
-        **SMALL, mlp_ratio=2, image_size=32, patch_size=8, num_register_tokens=3), {}),
-    "dinov2_registers_swiglu": (Dinov2WithRegistersModel, Dinov2WithRegistersConfig(
-        **SMALL, image_size=24, patch_size=8, num_register_tokens=1, use_swiglu_ffn=True), {}),
-    "dinov3": (DINOv3ViTModel, DINOv3ViTConfig(**SMALL, intermediate_size=96, image_size=32, patch_size=8,
-                                               num_register_tokens=2), {}),
-    "dinov3_gated_biases_non_square": (DINOv3ViTModel, DINOv3ViTConfig(
-        **SMALL, intermediate_size=64, image_size=(32, 24), patch_size=8, use_gated_mlp=True, hidden_act="silu",
-        query_bias=False, key_bias=True, proj_bias=False, mlp_bias=False, rope_theta=50.0), {}),
-    "deit_teacher_non_square": (DeiTForImageClassificationWithTeacher, DeiTConfig(
-        **SMALL, intermediate_size=96, image_size=(32, 24), patch_size=8, qkv_bias=False, **LABELS), {}),
-    "deit_classifier": (DeiTForImageClassification, DeiTConfig(
-        **SMALL, intermediate_size=96, image_size=32, patch_size=8, hidden_act="quick_gelu", **LABELS), {}),
-    "deit_model_pooler": (DeiTModel, DeiTConfig(**SMALL, intermediate_size=96, image_size=32, patch_size=8,
-                                                pooler_output_size=40, pooler_act="gelu"), {}),
-    "deit_model_bare": (DeiTModel, DeiTConfig(**SMALL, intermediate_size=96, image_size=32, patch_size=8),
-                        dict(add_pooling_layer=False)),
-}
-
-
-def small(name: str, seed: int = 0) -> torch.nn.Module:
-    """A small model with every parameter random; layer scales near 1 (randomize_ leaves HF's
-    `lambda1` near 0, which would shrink what every branch contributes)."""
-    cls, config, kw = CONFIGS[name]
-    model = randomize_(cls(config, **kw).eval(), seed)
-    gen = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for param_name, p in model.named_parameters():
-            if param_name.endswith("lambda1"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-    return model
+from tests.support.hf_models import CONFIGS, SMALL
+from tests.support.hf_models import small_dino as small
+from tests.support.models import module_hooks
 
 
 def images_for(model: torch.nn.Module, batch: int = 2, seed: int = 1, size=None) -> torch.Tensor:

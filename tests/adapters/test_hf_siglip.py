@@ -8,59 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from transformers import Aimv2VisionConfig, CLIPVisionConfig, MetaClip2Config, Siglip2Config, SiglipConfig
 
 import prisma_ext as px
 from prisma_ext.adapters import adapter_for
 from prisma_ext.errors import UnsupportedModelError
-from tests.support.models import randomize_
+from tests.support.hf_models import TEXT, VISION, randomized
+from tests.support.hf_models import small_siglip as build
 
 ATOL, SITE_ATOL = 1e-4, 1e-5
-VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=32,
-              patch_size=8)
-SIGLIP2_VISION = {**{k: v for k, v in VISION.items() if k != "image_size"}, "num_patches": 16}  # a 4x4 grid
-TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=12)
-
-
-def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """`randomize_`, with transformers' `*RMSNorm` weights near one too (randomize_ knows timm's names)."""
-    randomize_(model.eval(), seed)
-    gen = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for mod in model.modules():
-            if type(mod).__name__.endswith("RMSNorm"):
-                mod.weight.copy_(1 + 0.3 * torch.randn(mod.weight.shape, generator=gen))
-    return model
-
-
-def build(kind: str, seed: int = 0, **config) -> torch.nn.Module:
-    """A small random transformers model of class `kind` (its config from VISION / TEXT and `config`)."""
-    cls = getattr(transformers, kind)
-    if kind in ("SiglipModel", "Siglip2Model"):
-        vision = SIGLIP2_VISION if kind == "Siglip2Model" else VISION
-        cfg_cls = Siglip2Config if kind == "Siglip2Model" else SiglipConfig
-        cfg = cfg_cls(text_config={**TEXT, "projection_size": 48, **config.pop("text", {})},
-                      vision_config={**vision, **config.pop("vision", {})}, **config)
-    elif kind == "MetaClip2Model":
-        cfg = MetaClip2Config(text_config={**TEXT, "eos_token_id": 7, **config.pop("text", {})},
-                              vision_config={**VISION, **config.pop("vision", {})}, projection_dim=24, **config)
-    elif kind.endswith("ForImageClassification"):
-        v2 = kind.startswith("Siglip2")
-        cfg = (Siglip2Config if v2 else SiglipConfig)(
-            vision_config={**(SIGLIP2_VISION if v2 else VISION), **config.pop("vision", {})}, num_labels=5,
-            id2label={i: f"class {i}" for i in range(5)}, **config)
-    elif kind == "Aimv2VisionModel":
-        cfg = Aimv2VisionConfig(**{**VISION, **config})
-    elif kind.startswith("Siglip2"):
-        cfg = cls.config_class(**{**SIGLIP2_VISION, **config})
-    elif kind.startswith(("Siglip", "MetaClip2")):
-        cfg = cls.config_class(**{**VISION, **(dict(projection_dim=24) if "Projection" in kind else {}), **config})
-    else:  # CLIPVisionModelWithProjection
-        cfg = CLIPVisionConfig(**VISION, projection_dim=24, **config)
-    return randomized(cls(cfg), seed)
-
-
 def images_for(batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 

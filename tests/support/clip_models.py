@@ -47,6 +47,8 @@ def text_tokens_for(text_cfg, batch: int = 3, length: int | None = None, seed: i
     length = length or text_cfg.context_length
     tokens = torch.randint(1, min(text_cfg.vocab_size, 1000), (batch, length), generator=gen)
     ends = torch.randint(3, length, (batch,), generator=gen)
+    if text_cfg.pool not in ("argmax", "eos"):
+        return tokens  # pooled at a fixed position: no end-of-text token to place
     for i, end in enumerate(ends.tolist()):
         tokens[i, end] = text_cfg.vocab_size - 1 if text_cfg.pool == "argmax" else text_cfg.eos_id
         tokens[i, end + 1:] = 0

@@ -47,7 +47,7 @@ def _refusal(err: Exception) -> str:
     for marker in ("): ", "refused: ", "tower: "):
         if marker in text:
             text = text.split(marker, 1)[-1]
-    return "refused: " + text.split(" is not supported")[0].split(". ")[0].strip()[:110]
+    return "refused: " + text.split(" is not supported")[0].split(". ")[0].strip()[:160]
 
 
 def measure(build: Callable[[], nn.Module], family: str, name: str, compare: Callable | None = None) -> Row:
@@ -226,7 +226,7 @@ def parse(markdown: str) -> list[list[str]]:
         cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
         if cells == HEADER:
             seen_header = True
-        elif seen_header:
+        elif seen_header and set(cells) != {"---"}:
             rows.append(cells)
     return rows
 
