@@ -147,3 +147,18 @@ def test_tl_names_and_config_of_a_rotary_model():
     assert hooked.cfg.rotary == "interleaved" and hooked.cfg.gated_mlp and hooked.cfg.mlp_norm
     assert hooked.embed.rotary_sin.shape == (1, 4, 1, 16)  # one table for every layer and head: 2 x 2 patches
     assert "hook_rot_q" not in " ".join(px.load(small_eva("eva_giant_patch14_224", seed=6)).hook_dict)
+
+
+def test_attention_maps_of_a_rotary_model_agree_across_backends():
+    """The attention maps read the pattern, which the rotated queries and keys made."""
+    src = small_eva("vit_small_patch16_rope_mixed_224", seed=7)
+    hooked, traced, images = px.load(src), px.load(src, backend="nnsight"), images_of(src)
+    torch.testing.assert_close(px.head_patterns(traced, images).values, px.head_patterns(hooked, images).values,
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(px.attention_rollout(traced, images).values,
+                               px.attention_rollout(hooked, images).values, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        _, cache = hooked.run_with_cache(images)
+    q, k = cache["blocks.0.attn.hook_rot_q"], cache["blocks.0.attn.hook_rot_k"]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * hooked.cfg.d_head ** -0.5
+    torch.testing.assert_close(cache["blocks.0.attn.hook_pattern"], scores.softmax(-1), atol=1e-5, rtol=1e-5)
