@@ -1,21 +1,21 @@
-"""What `px.load` takes, as text for `prisma-ext models`: built-in models, timm ViT variants,
-open_clip configs with their own towers, Hugging Face CLIP."""
+"""What `px.load` takes, as text for `prisma-ext models`: the built-in models and, per source,
+the named configurations the parity census reproduced or refused (prisma_ext/data/parity.json)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
-TIMM_VARIANTS = (
-    ("plain ViT (CLS token)", "vit_base_patch16_224, vit_small_patch16_224, vit_tiny_patch16_224"),
-    ("DeiT, DeiT distilled (CLS + distillation token)", "deit_small_patch16_224, deit_base_distilled_patch16_224"),
-    ("DINOv2 with registers", "vit_small_patch14_reg4_dinov2"),
-    ("CLIP-style (norm_pre, QuickGELU)", "vit_base_patch32_clip_224, vit_base_patch16_clip_quickgelu_224"),
-    ("average pool, no CLS", "vit_base_patch16_gap_224"),
-    ("SigLIP (attention-pool head)", "vit_base_patch16_siglip_224"),
-)
-TIMM_REFUSED = ("EVA (rotary positions), Swin, BEiT, NaFlex, SAM, Hiera, MaxViT; inside VisionTransformer: "
-                "qk_norm, SwiGLU, RMSNorm, avgmax/max pooling, hybrid CNN stems")
-OPEN_CLIP_REFUSED = {"coca_base", "coca_ViT-B-32", "coca_ViT-L-14"}
+PARITY = Path(__file__).resolve().parent / "data" / "parity.json"  # written by scripts/parity.py
+FAMILIES = (("timm", "timm:NAME, or timm:NAME.TAG for a weight tag"),
+            ("open_clip", "open_clip:ARCH or open_clip:ARCH/TAG"),
+            ("hf", "hf:REPO or hf:FOLDER; the class is the config's architectures entry"))
+
+
+def parity() -> dict[str, dict[str, list[str]]]:
+    """{family: {name: [source class, status]}} from the last parity census (docs/architectures.md)."""
+    return json.loads(PARITY.read_text())
 
 
 def builtin_models() -> list[tuple[str, str]]:
@@ -50,23 +50,6 @@ def _describe(info: dict) -> str:
     return "; ".join(parts)
 
 
-def open_clip_own_towers() -> list[str]:
-    """open_clip configs with open_clip's own ViT visual tower and text tower."""
-    import open_clip
-    from open_clip.factory import get_model_config
-
-    names = []
-    for name in open_clip.list_models():
-        cfg = get_model_config(name) or {}
-        vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-        if vision.get("timm_model_name") or isinstance(vision.get("layers"), (list, tuple)):
-            continue
-        if text.get("hf_model_name"):
-            continue
-        names.append(name)
-    return names
-
-
 def _wrap(names: list[str], width: int = 96, indent: str = "    ") -> Iterator[str]:
     line = indent
     for name in names:
@@ -80,31 +63,29 @@ def _wrap(names: list[str], width: int = 96, indent: str = "    ") -> Iterator[s
 
 
 def models_text(full: bool = False) -> str:
-    """The listing `prisma-ext models` prints; `full` lists every timm and open_clip name."""
-    from .sources.timm import supported_timm_names
-
+    """The listing `prisma-ext models` prints: the built-in models, then per source how many named
+    configurations the parity census reproduced, examples (`full`: every one), and the features
+    it refused with how many configurations each."""
     lines = ["Built-in (px.load('builtin:NAME'); trained, ship in the package, offline):"]
     builtins = builtin_models()
     lines += [f"  {n:<24} {d}" for n, d in builtins] or ["  (none installed in this version)"]
-    timm_names = supported_timm_names()
-    lines += ["", f"timm (timm:NAME, or timm:NAME.TAG for a weight tag; {len(timm_names)} names in timm's "
-                  "vision_transformer and deit modules):"]
-    lines += [f"  {kind:<48} e.g. {examples}" for kind, examples in TIMM_VARIANTS]
-    lines += ["  any of these with dynamic_img_size=True takes other image sizes",
-              f"  refused, with the feature named: {TIMM_REFUSED}"]
-    if full:
-        lines += list(_wrap(timm_names))
-    own = open_clip_own_towers()
-    ok = [n for n in own if n not in OPEN_CLIP_REFUSED]
-    lines += ["", f"open_clip (open_clip:ARCH or open_clip:ARCH/TAG): {len(ok)} of the {len(own)} configs with "
-                  "open_clip's own ViT and text towers are reproduced; CoCa "
-                  f"({', '.join(sorted(OPEN_CLIP_REFUSED & set(own)))}) is refused;",
-              "  configs with a timm trunk, a ResNet or a Hugging Face text encoder are not supported"]
-    lines += list(_wrap(ok)) if full else [f"  e.g. {', '.join(ok[:6])}, ... (--all lists them)"]
-    lines += ["", "Hugging Face (hf:REPO or hf:FOLDER): CLIPModel (both towers, HookedCLIP) and "
-                  "CLIPVisionModel (HookedViT)",
-              "  e.g. hf:openai/clip-vit-base-patch32",
-              "", "Your own ViT: px.register_adapter (docs/adapters.md).",
+    census = parity()
+    for family, how in FAMILIES:
+        rows = census.get(family, {})
+        ok = [name for name, (_, status) in rows.items() if status == "reproduced"]
+        lines += ["", f"{family} ({how}): {len(ok)} of {len(rows)} named configurations reproduced "
+                      "(docs/architectures.md)"]
+        lines += list(_wrap(ok)) if full else [f"  e.g. {', '.join(ok[:5])}, ... (--all lists them)"]
+        refused: dict[str, int] = {}
+        for _, status in rows.values():
+            if status != "reproduced":
+                feature = status.removeprefix("refused: ")
+                refused[feature] = refused.get(feature, 0) + 1
+        if refused:
+            lines.append("  refused, with the feature named:")
+            by_count = sorted(refused.items(), key=lambda kv: -kv[1])
+            lines += [f"    {count:>3} x {feature}" for feature, count in by_count]
+    lines += ["", "Your own ViT: px.register_adapter (docs/adapters.md).",
               "Weights: report uses the source's pretrained weights (--random-weights for random ones); "
               "inspect uses random weights unless --pretrained."]
     return "\n".join(lines)

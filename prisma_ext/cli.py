@@ -90,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
     _add_report(sub)
     p = sub.add_parser("models", help="list the models and sources that load",
-                       description="List what px.load takes: built-in models, timm ViT variants, open_clip "
-                                   "configs and Hugging Face CLIP.")
-    p.add_argument("--all", action="store_true", help="list every timm and open_clip name")
+                       description="List what px.load takes: built-in models, and the timm, open_clip and "
+                                   "Hugging Face configurations the parity census reproduced or refused.")
+    p.add_argument("--all", action="store_true", help="list every reproduced name")
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("sites", help="list a model's hook sites and their shapes",
                        description="Load a model (random weights for named sources: shapes only) and list "

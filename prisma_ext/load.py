@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PrismaError
+from .errors import PrismaError, UnsupportedModelError
 
 BACKENDS = ("tl", "nnsight")
 HOOKED_OPTIONS = ("fold_ln", "center_writing_weights", "fold_value_biases", "use_attn_result",
@@ -46,6 +46,22 @@ def load(source: str | nn.Module, backend: str = "tl", pretrained: bool | str | 
         from .traced.remote import load_remote
 
         return load_remote(source, pretrained, remote, options, kwargs)
+    try:
+        return _load(source, backend, pretrained, verify, options, kwargs)
+    except UnsupportedModelError as err:
+        if not isinstance(source, str) or "closest supported" in str(err):
+            raise
+        from .sources import closest_supported
+
+        near = closest_supported(source)
+        if not near:
+            raise
+        prefix = source.partition(":")[0]
+        raise UnsupportedModelError(f"{err}; closest supported: {', '.join(f'{prefix}:{n}' for n in near)}") from None
+
+
+def _load(source: str | nn.Module, backend: str, pretrained: Any, verify: bool, options: dict[str, Any],
+          kwargs: dict[str, Any]):
     if isinstance(source, nn.Module):
         if kwargs:
             raise PrismaError(f"constructor arguments {sorted(kwargs)} only apply to a named source")

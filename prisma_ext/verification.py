@@ -195,11 +195,11 @@ def read_sites(module: nn.Module, sites: dict[str, Any], run: Callable[[], Any])
 # ------------------------------------------------------------------ the nnsight backend
 def verify_traced(adapter: Any, module: nn.Module, traced: Any, source: str) -> None:
     """Read every mapped site of `traced` once and compare it with the converted model's."""
+    clip = hasattr(traced, "towers")
     try:
         hooked = adapter.to_hooked(module)
     except PrismaError:
-        hooked = None  # an adapter that only traces: reading every site once is the check
-    clip = hasattr(traced, "towers")
+        hooked = _hooked_vision(adapter, module) if clip else None  # else reading every site once is the check
     param = _param(module)
     images = probe_images(traced.cfg, param.device, param.dtype)
     with eval_mode(module), torch.no_grad():
@@ -223,7 +223,8 @@ def verify_traced(adapter: Any, module: nn.Module, traced: Any, source: str) -> 
                                     "px.load(..., verify=False) skips the check") from err
         if hooked is None:
             return
-        reference = _hooked_cache(hooked, images, inputs if clip else None)
+        reference = _hooked_cache(hooked, images, inputs if clip else None,
+                                  traced.towers.get("visual", "") if clip else "")
     for name, value in sites.items():  # forward order: the first mismatch is the first divergence
         if name not in reference:
             continue
@@ -237,7 +238,17 @@ def verify_traced(adapter: Any, module: nn.Module, traced: Any, source: str) -> 
                 "(docs/adapters.md), or px.load(..., verify=False)")
 
 
-def _hooked_cache(hooked: nn.Module, images: Tensor, clip_inputs: dict | None) -> dict[str, Tensor]:
+def _hooked_vision(adapter: Any, module: nn.Module) -> nn.Module | None:
+    """The image tower of a CLIP whose text tower only the nnsight backend takes, converted on
+    its own (its sites are then checked; the text tower's are read once), or None."""
+    try:
+        return adapter.to_hooked_vision(module)
+    except PrismaError:
+        return None
+
+
+def _hooked_cache(hooked: nn.Module, images: Tensor, clip_inputs: dict | None, vision_prefix: str = ""
+                  ) -> dict[str, Tensor]:
     from .hooked.clip import HookedCLIP
 
     if isinstance(hooked, HookedCLIP):
@@ -250,4 +261,4 @@ def _hooked_cache(hooked: nn.Module, images: Tensor, clip_inputs: dict | None) -
             cache.update({f"text.{k}": v for k, v in txt.items()})
         return cache
     _, cache = hooked.run_with_cache(images.to(hooked.cfg.device))
-    return dict(cache.items())
+    return {vision_prefix + k: v for k, v in cache.items()}

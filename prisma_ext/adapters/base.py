@@ -57,7 +57,12 @@ class Adapter:
 
     def check(self, module: nn.Module) -> None:
         """Raise `UnsupportedModelError` naming the feature if `module` uses one the hooked model
-        lacks. Runs before every conversion and before every trace."""
+        lacks. Runs before every conversion (and, through `check_traced`, before every trace)."""
+
+    def check_traced(self, module: nn.Module) -> None:
+        """What the nnsight backend needs (it runs the source's own forward and only reads sites,
+        so it may take more than the conversion does): by default the same as `check`."""
+        self.check(module)
 
     # ------------------------------------------------------------------ describing
     def config(self, module: nn.Module) -> ViTConfig:
@@ -122,6 +127,16 @@ class CLIPAdapter(Adapter):
 
     def is_clip(self, module: nn.Module) -> bool:
         return True
+
+    def check_vision(self, module: nn.Module) -> None:
+        """`check` for the image tower alone (a model whose text tower only the nnsight backend
+        takes still has its image tower verified against a conversion); by default `check`."""
+        self.check(module)
+
+    def to_hooked_vision(self, module: nn.Module):
+        """The image tower alone as a HookedViT (`check_vision`, then the plain conversion)."""
+        self.check_vision(module)
+        return Adapter.convert(self, module, {})
 
     def text_config(self, module: nn.Module) -> TextConfig:
         raise NotImplementedError

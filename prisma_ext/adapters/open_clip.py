@@ -14,6 +14,7 @@ from ..errors import UnsupportedModelError
 from ..hooked.config import TextConfig, ViTConfig
 from ..hooked.weights import BlockWeights, TextWeights, ViTWeights
 from .base import CLIPAdapter, norm_params
+from .open_clip_hf_text import check_hf_text, hf_text_config, is_hf_text, layout, refuse_on_tl
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -126,6 +127,20 @@ class OpenCLIPAdapter(CLIPAdapter):
         return f"open_clip {kind} is not supported; supported: {', '.join(CLIP_CLASSES)}"
 
     def check(self, model: nn.Module) -> None:
+        self.check_vision(model)
+        if is_hf_text(model):
+            refuse_on_tl(model)
+        self._check_text(model)
+
+    def check_traced(self, model: nn.Module) -> None:
+        """The nnsight backend also traces Hugging Face text towers (RoBERTa, XLM-R, mT5, NLLB)."""
+        self.check_vision(model)
+        if is_hf_text(model):
+            check_hf_text(model)
+        else:
+            self._check_text(model)
+
+    def check_vision(self, model: nn.Module) -> None:
         from open_clip.transformer import VisionTransformer
 
         visual = model.visual
@@ -138,7 +153,6 @@ class OpenCLIPAdapter(CLIPAdapter):
             raise UnsupportedModelError(f"open_clip visual tower: {feature} is not supported")
         else:
             self._check_own_visual(visual)
-        self._check_text(model)
 
     @staticmethod
     def _check_own_visual(visual: nn.Module) -> None:
@@ -155,8 +169,7 @@ class OpenCLIPAdapter(CLIPAdapter):
         from open_clip.transformer import TextTransformer
 
         if hasattr(model, "text") and type(model.text) is not TextTransformer:
-            raise UnsupportedModelError(
-                f"open_clip text tower {type(model.text).__name__} (a Hugging Face text encoder) is not supported")
+            raise UnsupportedModelError(f"open_clip text tower {type(model.text).__name__} is not supported")
         text = TextParts(model)
         if getattr(text.src, "cls_emb", None) is not None:
             raise UnsupportedModelError("open_clip text tower: the appended class token (CoCa) is not supported")
@@ -214,6 +227,9 @@ class OpenCLIPAdapter(CLIPAdapter):
 
     # ---------------------------------------------------------------- text
     def text_config(self, model: nn.Module) -> TextConfig:
+        source = getattr(model, "_prisma_source", "open_clip")
+        if is_hf_text(model):
+            return hf_text_config(model, _configured_context(model), source)
         t = TextParts(model)
         d_proj = _text_projection(t)[0].shape[0]
         return TextConfig(
@@ -266,13 +282,30 @@ class OpenCLIPAdapter(CLIPAdapter):
     def site_map(self, model: nn.Module) -> dict:
         """HookedCLIP's site names on open_clip's own modules, image tower first
         (`prisma_ext.sitemaps.open_clip`)."""
-        from ..sitemaps.open_clip import open_clip_sites, open_clip_text_sites
+        from ..sitemaps.open_clip import open_clip_text_sites, open_clip_visual_sites
 
+        if is_hf_text(model):
+            from ..sitemaps.open_clip_hf_text import hf_text_encoder_sites
+
+            text = hf_text_encoder_sites(model, layout(model))
+        else:
+            text = open_clip_text_sites(model)
         if _is_trunk(model.visual):
             from .open_clip_trunk import trunk_sites
 
-            return {**trunk_sites(model.visual), **open_clip_text_sites(model)}
-        return open_clip_sites(model)
+            return {**trunk_sites(model.visual), **text}
+        return {**open_clip_visual_sites(model.visual), **text}
+
+
+def _configured_context(model: nn.Module) -> int | None:
+    """The context length open_clip's tokenizer pads a named model's prompts to, or None."""
+    arch = getattr(model, "_prisma_arch", None)
+    if arch is None:
+        return None
+    from open_clip.factory import get_model_config
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH
+
+    return ((get_model_config(arch) or {}).get("text_cfg") or {}).get("context_length", DEFAULT_CONTEXT_LENGTH)
 
 
 ADAPTERS = [OpenCLIPAdapter()]

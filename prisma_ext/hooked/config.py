@@ -165,14 +165,16 @@ class ViTConfig(TowerConfig):
         return bool(self.d_proj or (self.n_classes and self.head_type == "linear"))
 
 
-TextPool = Literal["argmax", "eos", "last", "first"]
+TextPool = Literal["argmax", "eos", "last", "first", "mean", "max"]
+HOOKED_TEXT_POOLS = ("argmax", "eos", "last", "first")  # what HookedTextTransformer pools by
 
 
 @dataclass(kw_only=True)
 class TextConfig(TowerConfig):
     """A CLIP text tower: token and position embeddings, (causal) blocks, final norm on every
     token, pooling at one position, projection. `pool`: "argmax" takes the highest token id
-    (OpenAI CLIP's end-of-text), "eos" the first `eos_id`, "last"/"first" a fixed position."""
+    (OpenAI CLIP's end-of-text), "eos" the first `eos_id`, "last"/"first" a fixed position;
+    "mean"/"max" over the unpadded tokens (Hugging Face text encoders, traced only)."""
 
     vocab_size: int = 49408
     context_length: int = 77

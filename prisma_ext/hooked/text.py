@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from ..errors import InputError, PrismaError
-from .config import TextConfig
+from ..errors import InputError, PrismaError, UnsupportedModelError
+from .config import HOOKED_TEXT_POOLS, TextConfig
 from .layers import Block
 from .norms import NormSpec, make_norm
 from .processing import process_text_weights
@@ -26,6 +26,9 @@ class HookedTextTransformer(CheckedHookedRoot, TowerWeightViews):
     """
 
     def __init__(self, cfg: TextConfig):
+        if cfg.pool not in HOOKED_TEXT_POOLS:
+            raise UnsupportedModelError(f"text pooling {cfg.pool!r} is not supported by the hooked text tower "
+                                        f"(it pools by {', '.join(HOOKED_TEXT_POOLS)})")
         super().__init__()
         self.cfg = cfg
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)

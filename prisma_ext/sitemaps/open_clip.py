@@ -70,7 +70,3 @@ def open_clip_text_sites(model: nn.Module, prefix: str = "text.") -> dict[str, S
                                           shape="[batch, d_proj]"))
     return sites.done()
 
-
-def open_clip_sites(model: nn.Module) -> dict[str, Site]:
-    """Both towers of an open_clip `CLIP` / `CustomTextCLIP`, image tower first."""
-    return {**open_clip_visual_sites(model.visual), **open_clip_text_sites(model)}

@@ -34,6 +34,41 @@ class Source:
         for random ones, or a local checkpoint path; `kwargs` go to the library's constructor."""
         raise NotImplementedError
 
+    def closest_supported(self, name: str, n: int = 3) -> list[str]:
+        """Up to `n` names of this source, closest to `name`, that the adapters take (said when
+        `name` is refused); by default none."""
+        return []
+
+
+def closest_supported(source: str, n: int = 3) -> list[str]:
+    """`Source.closest_supported` of a "PREFIX:NAME" string (none for an unknown prefix)."""
+    prefix, _, name = source.partition(":")
+    try:
+        return source_for(prefix).closest_supported(name.split("/")[0], n)
+    except UnknownNameError:
+        return []
+
+
+def accepted(build: Any, candidates: list[str], n: int) -> list[str]:
+    """The first `n` candidate names whose module `build(name)` (on the meta device: no weights)
+    an adapter converts; a build that fails counts as refused."""
+    import torch
+
+    from ..adapters import adapter_for
+
+    out = []
+    for name in candidates:
+        try:
+            with torch.device("meta"):
+                module = build(name)
+            adapter_for(module).check(module)
+        except Exception:  # refused (a PrismaError), or not buildable here
+            continue
+        out.append(name)
+        if len(out) == n:
+            break
+    return out
+
 
 def register_source(source: Source | type[Source]) -> Source:
     """Register a source (an instance or a class) under its `prefix`, replacing any there."""
@@ -71,4 +106,4 @@ def is_path(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike)) and not isinstance(value, bool)
 
 
-__all__ = ["Source", "build_named", "is_path", "prefixes", "register_source", "source_for"]
+__all__ = ["Source", "build_named", "closest_supported", "is_path", "prefixes", "register_source", "source_for"]

@@ -13,6 +13,19 @@ from . import Source, is_path
 class OpenCLIPSource(Source):
     prefix = "open_clip"
 
+    def closest_supported(self, name: str, n: int = 3) -> list[str]:
+        import open_clip
+        from open_clip.factory import get_model_config
+
+        from ..errors import closest
+        from . import accepted
+
+        own_text = [c for c in open_clip.list_models()  # a Hugging Face text tower would be fetched
+                    if not (get_model_config(c) or {}).get("text_cfg", {}).get("hf_model_name")]
+        candidates = [c for c in closest(name, own_text, n=12) if c != name]
+        return accepted(_meta_model, candidates + [c for c in EXAMPLES if c not in candidates], n)
+
+
     def build(self, name, pretrained, kwargs) -> nn.Module:
         import open_clip
 
@@ -45,6 +58,23 @@ class OpenCLIPSource(Source):
         module._prisma_arch = arch
         module._prisma_source = f"open_clip:{arch}" + (f"/{weights}" if weights and not is_path(pretrained) else "")
         return module
+
+
+EXAMPLES = ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-B-16-SigLIP2", "EVA02-B-16"]
+
+
+def _meta_model(arch: str) -> nn.Module:
+    """open_clip's model of `arch` built from its config without weights (the current device)."""
+    import copy
+
+    from open_clip.coca_model import CoCa
+    from open_clip.factory import get_model_config
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    cfg = copy.deepcopy(get_model_config(arch))
+    custom = cfg.pop("custom_text", False)
+    cls = CoCa if "multimodal_cfg" in cfg else (CustomTextCLIP if custom else CLIP)
+    return cls(**cfg).eval()
 
 
 SOURCE = OpenCLIPSource()

@@ -29,6 +29,16 @@ def suggest_names(name: str) -> list[str]:
 class TimmSource(Source):
     prefix = "timm"
 
+    def closest_supported(self, name: str, n: int = 3) -> list[str]:
+        import timm
+
+        from . import accepted
+
+        arch = name.split(".")[0]
+        candidates = [c for c in closest(arch, supported_timm_names(), n=12) if c != arch]
+        return accepted(lambda c: timm.create_model(c, pretrained=False),
+                        candidates + [c for c in EXAMPLES if c not in candidates], n)
+
     def build(self, name, pretrained, kwargs) -> nn.Module:
         import timm
 
@@ -61,7 +71,7 @@ class TimmSource(Source):
         adapters = (TimmViTAdapter(), TimmEvaAdapter())
         if not any(adapter.matches(module) for adapter in adapters):
             reason = adapters[0].refusal(module) or f"{type(module).__name__} is not a ViT"
-            near = suggest_names(name) or EXAMPLES
+            near = self.closest_supported(name)
             raise UnsupportedModelError(f"timm:{name}: {reason}; closest supported names: {', '.join(near)}")
         return module
 

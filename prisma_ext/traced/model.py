@@ -12,6 +12,7 @@ too) and the adapter's site map says where each TL site lives in it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -93,10 +94,12 @@ class TracedModel(NNsight):
             from ..adapters import adapter_for
 
             adapter = adapter_for(module)
-        adapter.check(module)
+        adapter.check_traced(module)
         if device is not None or dtype is not None:
             module.to(device=device, dtype=dtype)
-        super().__init__(module)
+        with warnings.catch_warnings():  # site maps spell such submodules as nnsight does (`envoy_path`)
+            warnings.filterwarnings("ignore", message=".*has a submodule named", category=UserWarning)
+            super().__init__(module)
         self._px_bind(module, adapter)
 
     def _px_bind(self, module: nn.Module, adapter: Any) -> None:
@@ -276,7 +279,7 @@ class TracedModel(NNsight):
     def _enter(self, name: str, site: Site) -> Any:
         """The envoy that serves `site`, after running its prepare step for this trace."""
         self._prepare(name, site)
-        return self.get(site.module) if site.module else self
+        return self.get(envoy_path(site.module)) if site.module else self
 
     # ------------------------------------------------------------------ nnsight hooks
     def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -290,6 +293,17 @@ class TracedModel(NNsight):
             self.__dict__["_px_watched"] = []
             while self._px_undo:
                 self._px_undo.pop()()
+
+
+def envoy_path(path: str) -> str:
+    """A module path as nnsight's envoys spell it: a submodule named like a value nnsight serves
+    on every module (BERT's `output`) is the envoy's `E_output`."""
+    import inspect
+
+    from nnsight.intervention.envoy import Envoy
+
+    return ".".join(f"{Envoy.OVERLOAD_PREFIX}{part}" if inspect.isdatadescriptor(getattr(Envoy, part, None))
+                    else part for part in path.split("."))
 
 
 class TracedViT(TracedModel):

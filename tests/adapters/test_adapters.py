@@ -125,8 +125,41 @@ def test_other_timm_families_are_refused(arch, feature):
 
 
 def test_named_unsupported_family_lists_close_supported_names():
-    with pytest.raises(UnsupportedModelError, match="relative position bias.*closest supported names: .*vit_"):
+    from prisma_ext.catalog import parity
+
+    with pytest.raises(UnsupportedModelError, match="relative position bias.*closest supported names: ") as err:
         px.load("timm:beit_base_patch16_224", pretrained=False, depth=1)
+    near = str(err.value).split("closest supported names: ")[1].split(", ")
+    assert near and all(parity()["timm"][n][1] == "reproduced" for n in near)
+
+
+@pytest.mark.parametrize("source, kwargs, feature", [
+    ("timm:vit_small_patch16_18x2_224", dict(depth=2), "parallel attention and MLP branches"),
+    ("open_clip:RN50", {}, "a ResNet visual tower"),
+])
+def test_a_refused_named_model_suggests_the_closest_names_that_load(source, kwargs, feature):
+    """The feature is named, then up to three names of the same source that really load."""
+    with pytest.raises(UnsupportedModelError, match=f"{feature}.*; closest supported: ") as err:
+        px.load(source, pretrained=False, **kwargs)
+    near = str(err.value).split("closest supported: ")[1].split(", ")
+    assert 1 <= len(near) <= 3 and all(n.startswith(source.split(":")[0] + ":") for n in near)
+    from prisma_ext.sources import source_for
+
+    prefix, _, name = source.partition(":")
+    assert [f"{prefix}:{n}" for n in source_for(prefix).closest_supported(name)] == near
+    with torch.device("meta"):  # each suggestion is taken by the TL backend's check
+        from prisma_ext.adapters import adapter_for
+
+        for n in near:
+            if prefix == "timm":
+                import timm
+
+                module = timm.create_model(n.split(":")[1], pretrained=False)
+            else:
+                from prisma_ext.sources.open_clip import _meta_model
+
+                module = _meta_model(n.split(":")[1])
+            adapter_for(module).check(module)
 
 
 def _still_refused():

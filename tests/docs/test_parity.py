@@ -5,9 +5,10 @@ and an error of the same size. Regenerate the table with `.venv/bin/python scrip
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from tests.support.parity import TOLERANCE, all_rows, error_matches, parse
+from tests.support.parity import PACKAGED, TOLERANCE, all_rows, error_matches, parse
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
 TARGET = 330  # named configurations reproduced (the breadth issue's target)
@@ -28,3 +29,11 @@ def test_the_parity_table_matches_a_fresh_census():
     assert len(reproduced) >= TARGET
     assert all(row.status.startswith("refused: ") and len(row.status) > len("refused: ") + 5
                for row in rows if not row.reproduced)  # every refusal names something
+
+
+def test_the_packaged_statuses_are_the_tables():
+    """`prisma-ext models` lists prisma_ext/data/parity.json: the same rows as the docs' table."""
+    table = {(cells[0], cells[2].strip("`")): [cells[1].strip("`"), cells[3]] for cells in parse(DOC.read_text())}
+    listed = {(family, name): entry for family, rows in json.loads(PACKAGED.read_text()).items()
+              for name, entry in rows.items()}
+    assert listed == table

@@ -189,11 +189,21 @@ def test_report_defaults(monkeypatch):
 
 
 def test_models_lists_the_sources(capsys):
-    assert cli.main(["models"]) == 0
+    """Counts and features from the packaged parity census (which tests/docs/test_parity.py ties
+    to the docs' table and to a fresh run)."""
+    from prisma_ext.catalog import parity
+
+    census = parity()
+    done = {f: sum(status == "reproduced" for _, status in rows.values()) for f, rows in census.items()}
+    assert cli.main(["models", "--all"]) == 0
     out = capsys.readouterr().out
     for needle in ("builtin:shapes-vit", "builtin:shapes-clip", "timm:NAME", "vit_small_patch14_reg4_dinov2",
-                   "open_clip:ARCH/TAG", "45 of the 48", "CoCa", "hf:REPO", "register_adapter"):
+                   "eva02_small_patch14_224", "open_clip:ARCH/TAG", "EVA02-B-16", "ViT-B-16-SigLIP2",
+                   f"{done['timm']} of {len(census['timm'])} named", f"{done['open_clip']} of "
+                   f"{len(census['open_clip'])} named", "open_clip CoCa", "traced on nnsight", "hf:REPO",
+                   "DINOv3ViTModel", "register_adapter"):
         assert needle in out, needle
+    assert done["timm"] + done["open_clip"] + done["hf"] >= 330
 
 
 def test_sites_lists_names_and_shapes(capsys):

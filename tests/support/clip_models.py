@@ -112,3 +112,66 @@ def small_open_clip_timm(name: str, seed: int = 0, on_meta: bool = False):
     model = randomize_(model.eval(), seed)
     model._prisma_arch = name
     return model
+
+
+def tiny_hf_text_config(hf_name: str):
+    """A two-layer, 32-wide config of the Hugging Face encoder family `hf_name` names
+    (roberta-base, xlm-roberta-*, google/mt5-*, facebook/nllb-*), as open_clip would fetch it."""
+    from transformers import M2M100Config, MT5Config, RobertaConfig, XLMRobertaConfig
+
+    bert = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                max_position_embeddings=40, pad_token_id=1)
+    if hf_name.startswith("xlm-roberta"):
+        config = XLMRobertaConfig(**bert)
+    elif hf_name.startswith("roberta"):
+        config = RobertaConfig(**bert)
+    elif "mt5" in hf_name:
+        config = MT5Config(vocab_size=120, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=1,
+                           num_heads=2, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1)
+    elif "nllb" in hf_name:
+        config = M2M100Config(vocab_size=120, d_model=32, encoder_layers=2, decoder_layers=1,
+                              encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                              decoder_ffn_dim=64, max_position_embeddings=40, pad_token_id=1)
+    else:
+        raise ValueError(f"no tiny config for {hf_name}")
+    config._name_or_path = hf_name
+    return config
+
+
+def small_open_clip_hf_text(name: str, seed: int = 0):
+    """A random open_clip model of `name` whose text tower is a Hugging Face encoder: the
+    encoder from `tiny_hf_text_config` (in place of the hub download open_clip makes), the image
+    tower shrunk as in `small_open_clip` / `small_open_clip_timm`."""
+    from open_clip import hf_model
+    from open_clip.coca_model import CoCa
+    from open_clip.factory import get_model_config
+    from open_clip.model import CustomTextCLIP
+    from transformers import AutoModel
+
+    tiny = tiny_hf_text_config(get_model_config(name)["text_cfg"]["hf_model_name"])
+
+    class OfflineAutoConfig:
+        @staticmethod
+        def from_pretrained(_name, **kwargs):
+            return copy.deepcopy(tiny)
+
+    class OfflineAutoModel:
+        from_config = staticmethod(AutoModel.from_config)
+
+        @staticmethod
+        def from_pretrained(config, **kwargs):
+            return AutoModel.from_config(config if not isinstance(config, str) else copy.deepcopy(tiny), **kwargs)
+
+    real = hf_model.AutoConfig, hf_model.AutoModel
+    hf_model.AutoConfig, hf_model.AutoModel = OfflineAutoConfig, OfflineAutoModel
+    try:
+        if get_model_config(name)["vision_cfg"].get("timm_model_name"):
+            return small_open_clip_timm(name, seed)
+        cfg = shrunk_open_clip_cfg(name)
+        cfg.pop("custom_text", None)
+        cls = CoCa if "multimodal_cfg" in cfg else CustomTextCLIP
+        model = randomize_(cls(**cfg).eval(), seed)
+    finally:
+        hf_model.AutoConfig, hf_model.AutoModel = real
+    model._prisma_arch = name
+    return model

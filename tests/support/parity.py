@@ -12,9 +12,11 @@ refused; if such a model were not refused, that is reported as a failure, not a 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from torch import nn
 from tests.support.models import randomize_
 
 TOLERANCE = 1e-4
+PACKAGED = Path(__file__).resolve().parents[2] / "prisma_ext" / "data" / "parity.json"
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,8 @@ def _refusal(err: Exception) -> str:
     for marker in ("): ", "refused: ", "tower: "):
         if marker in text:
             text = text.split(marker, 1)[-1]
-    return "refused: " + text.split(" is not supported")[0].split(". ")[0].strip()[:160]
+    text = text.split(" is not supported")[0].split(" are not supported")[0]
+    return "refused: " + text.split(". ")[0].strip()[:160]
 
 
 def measure(build: Callable[[], nn.Module], family: str, name: str, compare: Callable | None = None) -> Row:
@@ -135,14 +139,14 @@ def open_clip_rows() -> Iterator[Row]:
     import open_clip
     from open_clip.factory import get_model_config
 
-    from tests.support.clip_models import small_open_clip, small_open_clip_timm
+    from tests.support.clip_models import small_open_clip, small_open_clip_hf_text, small_open_clip_timm
 
     for name in open_clip.list_models():
         cfg = get_model_config(name)
         vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
         if text.get("hf_model_name"):
-            yield Row("open_clip", "CustomTextCLIP", name,
-                      f"refused: a Hugging Face text encoder ({text['hf_model_name']}); not built offline", None)
+            yield _hf_text_row(name) if "multimodal_cfg" not in cfg else measure(
+                lambda n=name: small_open_clip_hf_text(n, seed=len(n)), "open_clip", name)
             continue
         if isinstance(vision.get("layers"), (list, tuple)):
             yield measure(lambda n=name: _meta_open_clip(n), "open_clip", name, _compare_clip)
@@ -153,16 +157,25 @@ def open_clip_rows() -> Iterator[Row]:
             yield measure(lambda n=name: small_open_clip(n, seed=len(n)), "open_clip", name, _compare_clip)
 
 
+def _hf_text_row(name: str) -> Row:
+    """A config with a Hugging Face text encoder: refused by the TL backend (the feature named),
+    traced and verified by the nnsight backend (the row says both)."""
+    import prisma_ext as px
+    from tests.support.clip_models import small_open_clip_hf_text
+
+    module = small_open_clip_hf_text(name, seed=len(name))
+    refused = measure(lambda: module, "open_clip", name)
+    if refused.reproduced:
+        raise AssertionError(f"open_clip {name}: a Hugging Face text tower was converted for the TL backend")
+    px.load(module, backend="nnsight")  # raises unless every site reads and the image tower's match
+    return Row("open_clip", "CustomTextCLIP", name, f"{refused.status} (TL); traced on nnsight", None)
+
+
 def _meta_open_clip(name: str) -> nn.Module:
-    import copy
+    from prisma_ext.sources.open_clip import _meta_model
 
-    from open_clip.factory import get_model_config
-    from open_clip.model import CLIP, CustomTextCLIP
-
-    cfg = copy.deepcopy(get_model_config(name))
-    cls = CustomTextCLIP if cfg.pop("custom_text", False) else CLIP
     with torch.device("meta"):
-        return cls(**cfg).eval()
+        return _meta_model(name)
 
 
 # ---------------------------------------------------------------- all
@@ -175,6 +188,14 @@ def hf_rows() -> Iterator[Row]:
 
     for name, build in HF_BUILDERS.items():
         yield measure(build, "hf", name)
+
+
+def packaged(rows: list[Row]) -> str:
+    """The statuses as prisma_ext/data/parity.json holds them: {family: {name: [class, status]}}."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for row in rows:
+        out.setdefault(row.family, {})[row.name] = [row.source, row.status]
+    return json.dumps(out, indent=1, sort_keys=True) + "\n"
 
 
 def summary(rows: list[Row]) -> dict[str, tuple[int, int]]:
