@@ -131,6 +131,9 @@ def _add_report(sub) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="random weights for timm/open_clip/hf sources (offline; the report then explains noise)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--thorough", action="store_true",
+                   help="the full version of every section (every token, layer and head patched; 50 IG steps, "
+                        "one ablation per patch, 16-step curves); the default scales them to the model")
     p.set_defaults(func=cmd_report)
 
 
@@ -233,7 +236,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = args.out if getattr(args, "out_given", False) else None  # an unnamed default never replaces a file
     build_report(args.model, image=args.image, target=args.target, corrupted=args.corrupted, out=out,
-                 pretrained=not args.random_weights, top_k=args.top_k, log=None if args.quiet else stderr_log)
+                 pretrained=not args.random_weights, top_k=args.top_k, log=None if args.quiet else stderr_log,
+                 thorough=args.thorough)
     return 0
 
 

@@ -56,11 +56,13 @@ def to_patches(attr: Tensor, patch_size: tuple[int, int], how: str) -> Tensor:
     return reduced.reshape(b, rows * cols)
 
 
-def patch_feature_mask(layout, channels: int, device: Any = None) -> Tensor:
-    """Captum feature mask [1, C, H, W]: every pixel labelled with its patch's index."""
+def patch_feature_mask(layout, channels: int, device: Any = None, block: int = 1) -> Tensor:
+    """Captum feature mask [1, C, H, W]: every pixel labelled with its patch's index, or with its
+    `block` x `block` block of patches' index (one ablation per block)."""
     rows, cols = layout.grid
     ph, pw = layout.patch_size
-    ids = torch.arange(rows * cols, device=device).reshape(rows, cols)
+    r, c = torch.arange(rows, device=device) // block, torch.arange(cols, device=device) // block
+    ids = r[:, None] * -(-cols // block) + c[None, :]
     mask = ids.repeat_interleave(ph, 0).repeat_interleave(pw, 1)
     return mask.expand(1, channels, -1, -1).contiguous()
 

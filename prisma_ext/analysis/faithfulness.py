@@ -103,33 +103,48 @@ def _run_all(backend: Backend, images: Tensor, base: Tensor, target: Target, ran
              counts: Tensor, layout, prob: bool, batch_size: int, progress: bool) -> tuple[Tensor, Tensor]:
     """Score every perturbed image: for run r, image b and step s, image b with the patches of
     rank < counts[s] under ranks[r, b] removed (or, if inserts[r], revealed on the baseline).
-    Images are built chunk by chunk. Returns (score, top-1 hit) [runs, batch, step]; for a
-    target that is not a class, the hit is the raw score."""
+    Each distinct image is scored once (`_distinct_images`), chunk by chunk. Returns (score,
+    top-1 hit) [runs, batch, step]; for a target that is not a class, the hit is the raw score."""
     n_runs, batch, _ = ranks.shape
     n_steps = len(counts)
-    total = n_runs * batch * n_steps
     rows, cols = layout.grid
     ph, pw = layout.patch_size
-    counts = counts.to(images.device)
+    example, replaced, inverse = _distinct_images(ranks, inserts, counts.to(ranks.device))
+    example, replaced = example.to(images.device), replaced.to(images.device)
+    total = len(example)
     columns = target.columns.to(images.device)
     scores, hits = [], []
     with Progress(total, progress, "faithfulness", unit="image") as bar:
         for start in range(0, total, batch_size):
-            idx = torch.arange(start, min(start + batch_size, total), device=images.device)
-            r, b, s = idx // (batch * n_steps), (idx // n_steps) % batch, idx % n_steps
-            chosen = (ranks[r, b] < counts[s, None]).to(images.dtype).view(-1, 1, rows, cols)
-            mask = chosen.repeat_interleave(ph, -2).repeat_interleave(pw, -1)
+            b, chosen = example[start:start + batch_size], replaced[start:start + batch_size]
+            mask = chosen.to(images.dtype).view(-1, 1, rows, cols).repeat_interleave(ph, -2).repeat_interleave(pw, -1)
             x, y = images[b], base[b]
-            mixed = torch.where(inserts[r].view(-1, 1, 1, 1), y + (x - y) * mask, x + (y - x) * mask)
+            mixed = x + (y - x) * mask
             with torch.no_grad():
                 run, raw, _ = backend.evaluate(mixed, target.select(b.cpu()))
             col = columns[b, None]
             logits = run.output  # for a class target: the head's logits
             scores.append(logits.softmax(-1).gather(1, col)[:, 0] if prob else raw)
             hits.append((logits.argmax(-1) == col[:, 0]).to(raw.dtype) if target.is_class() else raw)
-            bar.update(len(idx))
+            bar.update(len(b))
     shape = (n_runs, batch, n_steps)
-    return torch.cat(scores).view(shape), torch.cat(hits).view(shape)
+    inverse = inverse.to(images.device)
+    return torch.cat(scores)[inverse].view(shape), torch.cat(hits)[inverse].view(shape)
+
+
+def _distinct_images(ranks: Tensor, inserts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The distinct perturbed images of every (run, image, step), each run once: (image index
+    [n], patches replaced by the baseline [n, patch], and for every (run, image, step),
+    flattened, its row). Revealing patches on the baseline is replacing
+    the others, so an insertion image and a deletion image can be the same one; so are every
+    curve's first and last images (nothing or everything replaced), for all maps at once."""
+    n_runs, batch, _ = ranks.shape
+    chosen = ranks[:, :, None, :] < counts[None, None, :, None]  # [run, image, step, patch]: revealed/removed
+    replaced = torch.where(inserts.view(-1, 1, 1, 1), ~chosen, chosen)
+    example = torch.arange(batch, device=ranks.device).view(1, batch, 1).expand(n_runs, batch, len(counts))
+    keys = torch.cat([example.reshape(-1, 1), replaced.reshape(-1, replaced.shape[-1]).long()], dim=1)
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    return unique[:, 0], unique[:, 1:].bool(), inverse
 
 
 def score_maps(backend: Backend, images: Tensor, maps: Sequence[Tensor], target: Target,

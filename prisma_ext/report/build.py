@@ -150,8 +150,9 @@ def _foil_candidates(logits, target: int) -> list[int]:
 
 
 def prepare(model: Any = DEFAULT_MODEL, image: str | None = None, target: str | int | None = None,
-            corrupted: str = "auto", pretrained: bool = True, top_k: int = 5):
-    """Load and check everything a report needs; raises PrismaError / OSError on bad input."""
+            corrupted: str = "auto", pretrained: bool = True, top_k: int = 5, thorough: bool = False):
+    """Load and check everything a report needs; raises PrismaError / OSError on bad input.
+    `thorough`: the full versions of every section (`report.settings`)."""
     from ..analysis.backend import Backend
     from .inputs import (
         _parse_scene,
@@ -164,6 +165,7 @@ def prepare(model: Any = DEFAULT_MODEL, image: str | None = None, target: str | 
         to_input,
     )
     from .sections import Context
+    from .settings import settings_for
 
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {top_k}")
@@ -187,7 +189,7 @@ def prepare(model: Any = DEFAULT_MODEL, image: str | None = None, target: str | 
     foil = bad_top if bad_top != target_index else candidates[0]
     return Context(model=model, source=source, clean=clean, corrupted=bad, x=x, x_corrupted=x_bad,
                    logits=logits, probs=probs, target=target_index, foil=foil, target_given=given,
-                   top_k=top_k, is_clip=is_clip(model))
+                   top_k=top_k, is_clip=is_clip(model), settings=settings_for(cfg, thorough))
 
 
 # ------------------------------------------------------------------------------- the report
@@ -200,6 +202,7 @@ def _intro(page, ctx) -> None:
     page.intro(f"model {ctx.source}: {first}")
     page.intro(f"image {ctx.clean.name}; target {ctx.name(ctx.target)!r} (class {ctx.target}); "
                f"corrupted image {ctx.corrupted.name}")
+    page.intro(ctx.settings.describe())
     page.intro(f"prisma-ext {__version__}, {time.strftime('%Y-%m-%d %H:%M')}; "
                "self-contained: opens without a network")
 
@@ -222,7 +225,7 @@ def _sections() -> tuple:
 
 def build_report(model: Any = DEFAULT_MODEL, image: str | None = None, target: str | int | None = None,
                  corrupted: str = "auto", out: str | os.PathLike | None = None, pretrained: bool = True,
-                 top_k: int = 5, log: Log | None = stderr_log) -> Report:
+                 top_k: int = 5, log: Log | None = stderr_log, thorough: bool = False) -> Report:
     """Check the inputs, run every section, write one HTML file. See the module docstring.
 
     model: a source name (builtin:shapes-vit, timm:NAME, open_clip:ARCH/TAG, hf:REPO) or a
@@ -230,7 +233,8 @@ def build_report(model: Any = DEFAULT_MODEL, image: str | None = None, target: s
     scikit-image's cat); target: a class name or index (default: the top class); corrupted:
     "auto", "blur", a path or builtin:NAME (see `prisma_ext.report.inputs`); out: the file (replaced if
     it exists: you named it; default: report.html, or report-1.html ... when that exists); log:
-    progress lines (default: stderr; None: quiet).
+    progress lines (default: stderr; None: quiet); thorough: the full versions of every section
+    (default: settings scaled to the model, `prisma_ext.report.settings`).
     """
     from .page import Page
 
@@ -239,7 +243,7 @@ def build_report(model: Any = DEFAULT_MODEL, image: str | None = None, target: s
     if out is None and path.name != DEFAULT_OUT:
         say(f"{DEFAULT_OUT} exists and --out names no file: writing {path} instead (--out PATH names the file)")
     start = time.perf_counter()
-    ctx = prepare(model, image, target, corrupted, pretrained, top_k)
+    ctx = prepare(model, image, target, corrupted, pretrained, top_k, thorough)
     say(f"{ctx.source} on {ctx.clean.name}, target {ctx.name(ctx.target)!r}, corrupted {ctx.corrupted.name}")
     seconds = {"loading": time.perf_counter() - start}
     page = Page(f"prisma-ext report: {ctx.source}")

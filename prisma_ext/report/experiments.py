@@ -41,48 +41,107 @@ def _metric_span(ctx: Context) -> tuple[Any, bool]:
     return LogitDiff(ctx.target, ctx.foil), abs(diffs[0] - diffs[1]) > 1e-6
 
 
+def _positions(ctx: Context) -> tuple[Any, str]:
+    """What the per-token sweep patches: every token, or each prefix token and K x K patch blocks
+    (a dict label -> token indices, prefix first); and the words for it."""
+    spec = ctx.settings.positions
+    if spec == "all":
+        return "all", "that one token's"
+    from ..analysis.patching import resolve_positions
+
+    lay = ctx.layout
+    blocks = resolve_positions(spec, lay)
+    groups = {name: [i] for i, name in enumerate(lay.prefix_names)}
+    groups.update(zip(blocks.labels, blocks.groups))
+    k = spec.partition(":")[2]
+    return groups, f"that {k} x {k} block of patches' (or that prefix token's)"
+
+
+def per_patch(ctx: Context, result) -> Tensor:
+    """The sweep's effect on every patch [layer, n_patches] (a block's value on each of its patches)."""
+    lay = ctx.layout
+    values = result.values[0]  # [layer, position]
+    if values.shape[-1] == lay.n_tokens and ctx.settings.positions == "all":
+        return values[:, lay.n_prefix:]
+    groups, _ = _positions(ctx)
+    out = torch.zeros(values.shape[0], lay.n_patches, dtype=values.dtype)
+    for j, tokens in enumerate(groups.values()):
+        patches = [t - lay.n_prefix for t in tokens if t >= lay.n_prefix]
+        out[:, patches] = values[:, j, None]
+    return out
+
+
+def _per_layer_maps(ctx: Context, result, title: str):
+    """The sweep's effect on the patch grid, one square panel per patched layer."""
+    import plotly.express as px
+
+    grids = per_patch(ctx, result).reshape(-1, *ctx.layout.grid).float().numpy()
+    layers = result.labels("layer")
+    fig = px.imshow(grids, facet_col=0, facet_col_wrap=min(6, len(layers)), color_continuous_scale="RdBu_r",
+                    color_continuous_midpoint=0.0, title=title, aspect="equal")
+    for ann, layer in zip(fig.layout.annotations, layers):
+        ann.text = f"layer {layer}"
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False)
+    fig.update_layout(coloraxis_colorbar=dict(title="metric"), height=260 * -(-len(layers) // 6) + 80)
+    return fig
+
+
 def patching(ctx: Context, page: Page) -> None:
-    """Activation patching clean -> corrupted: per token and layer, per layer output, per head; the minimal patch."""
+    """Activation patching clean -> corrupted: per token (or block) and layer, per layer output,
+    per head (thorough); the minimal patch."""
     from ..analysis.patching import activation_patching
 
+    st = ctx.settings
     metric, normalize = _metric_span(ctx)
     page.images([(grid_with_lines(ctx.clean.pixels, ctx.layout.patch_size), f"clean: {ctx.clean.name}"),
                  (grid_with_lines(ctx.corrupted.pixels, ctx.layout.patch_size),
                   f"corrupted: {ctx.corrupted.name}")])
     bars = progress_bars()
+    positions, what = _positions(ctx)
     per_token = activation_patching(ctx.model, ctx.x, ctx.x_corrupted, metric, sites=("resid_pre",),
-                                    positions="all", normalize=normalize, progress=bars)
+                                    positions=positions, layers=list(st.layers) if st.layers else None,
+                                    normalize=normalize, progress=bars)
     result = per_token["resid_pre"]
     m_clean, m_corr = float(result.meta["clean_metric"][0]), float(result.meta["corrupted_metric"][0])
     scale = "0 = corrupted run, 1 = clean run" if normalize else "raw logit difference (clean = corrupted)"
     page.note(f"Metric: logit({ctx.name(ctx.target)!r}) - logit({ctx.name(ctx.foil)!r}); clean {m_clean:.3f}, "
-              f"corrupted {m_corr:.3f}. Each cell: the metric when that one token's residual stream "
+              f"corrupted {m_corr:.3f}. Each cell: the metric when {what} residual stream "
               f"(entering the layer) is copied from the clean run into the corrupted run ({scale}).")
-    page.figure(result.plot(title="activation patching: residual stream per patch, entering each layer"))
+    page.figure(_per_layer_maps(ctx, result, "activation patching: residual stream per patch, entering each layer"))
     whole = {"all tokens": list(range(ctx.layout.n_tokens))}
-    components = activation_patching(ctx.model, ctx.x, ctx.x_corrupted, metric, sites=("attn_out", "mlp_out", "z"),
+    sites = ("attn_out", "mlp_out", "z") if st.heads else ("attn_out", "mlp_out")
+    components = activation_patching(ctx.model, ctx.x, ctx.x_corrupted, metric, sites=sites,
                                      positions=whole, normalize=normalize, progress=bars)
     page.figure(_component_heatmap(ctx, result, components))
-    page.figure(components["z"].plot(position=0, title="activation patching: each head's output (z) at "
-                                                       "every token, per layer (rows) and head (columns)"))
+    if st.heads:
+        page.figure(components["z"].plot(position=0, title="activation patching: each head's output (z) at "
+                                                           "every token, per layer (rows) and head (columns)"))
+    else:
+        page.note("Per-head patching (each head's z at every token) runs with --thorough; direct logit "
+                  "attribution above gives each head's direct effect.")
     _minimal_patch(ctx, page, result)
 
 
 def _component_heatmap(ctx: Context, resid, components):
     import plotly.graph_objects as go
 
+    n = ctx.cfg.n_layers
+    patched = [int(x) for x in resid.labels("layer")]
     rows, labels = [], []
     for i, name in enumerate(ctx.layout.prefix_names):
-        rows.append(resid.values[0, :, i].numpy())
+        row = np.full(n, np.nan)
+        row[patched] = resid.values[0, :, i].float().numpy()
+        rows.append(row)
         labels.append(f"resid_pre ({name})")
     for site in ("attn_out", "mlp_out"):
-        rows.append(components[site].values[0, :, 0].numpy())
+        rows.append(components[site].values[0, :, 0].float().numpy())
         labels.append(f"{site} (all tokens)")
-    layers = [f"L{i}" for i in range(ctx.cfg.n_layers)]
+    layers = [f"L{i}" for i in range(n)]
     fig = go.Figure(go.Heatmap(z=np.stack(rows), x=layers, y=labels, colorscale="RdBu_r", zmid=0,
-                               hovertemplate="%{y} %{x}: %{z:.3f}<extra></extra>"))
+                               colorbar=dict(title="metric"), hovertemplate="%{y} %{x}: %{z:.3f}<extra></extra>"))
     fig.update_layout(title="activation patching: prefix tokens and whole layer outputs",
-                      height=140 + 40 * len(rows), yaxis=dict(autorange="reversed"))
+                      height=140 + 40 * len(rows), yaxis=dict(autorange="reversed"), xaxis_title="layer")
     return fig
 
 
@@ -105,11 +164,13 @@ def _minimal_patch(ctx: Context, page: Page, resid) -> None:
     from ..viz.overlay import paste_patches
 
     lay = ctx.layout
-    order = patch_order(resid.values[0, 0, lay.n_prefix:], ctx.clean.pixels, ctx.corrupted.pixels, lay.patch_size)
+    order = patch_order(per_patch(ctx, resid)[0], ctx.clean.pixels, ctx.corrupted.pixels, lay.patch_size)
     n = lay.n_patches
-    exact = n <= 100
-    sizes = list(range(1, n + 1)) if exact else sorted({max(1, round(n * f)) for f in (
-        1 / n, 2 / n, 3 / n, .02, .04, .06, .08, .1, .15, .2, .3, .4, .5, .75, 1.0)})
+    few = ctx.settings.minimal_counts
+    exact = n <= 100 and few is None
+    fractions = (1 / n, 2 / n, 3 / n, .02, .04, .06, .08, .1, .15, .2, .3, .4, .5, .75, 1.0) if few is None else (
+        .02, .05, .1, .2, .4, 1.0)[-few:]
+    sizes = list(range(1, n + 1)) if exact else sorted({max(1, round(n * f)) for f in fractions})
     groups = {str(k): [lay.n_prefix + p for p in order[:k]] for k in sizes}
 
     def predicts_target(output: Tensor) -> Tensor:
@@ -136,11 +197,19 @@ def _minimal_patch(ctx: Context, page: Page, resid) -> None:
 # ------------------------------------------------------------------------------- Captum
 
 
-def _methods(ctx: Context) -> list[str]:
+def _methods(ctx: Context) -> list:
+    """Ours, Captum's (with the settings' step and sample counts) and the random baseline."""
     from ..analysis.backend import Backend
+    from ..analysis.captum_attr import patch_feature_mask
 
+    st = ctx.settings
     ours = [m for m in OUR_METHODS if m != "cls_attribution" or Backend.of(ctx.model).readout.is_linear]
-    return [*ours, *CAPTUM_METHODS, *BASELINES]
+    options = {"integrated_gradients": {"n_steps": st.ig_steps}, "gradient_shap": {"n_samples": st.shap_samples}}
+    if st.ablation_block > 1:
+        options["feature_ablation"] = {"feature_mask": patch_feature_mask(
+            ctx.layout, ctx.x.shape[1], ctx.x.device, block=st.ablation_block)}
+    captum = [(m, options[m]) if m in options else m for m in CAPTUM_METHODS]
+    return [*ours, *captum, *BASELINES]
 
 
 def _mask_scores(ctx: Context, flat: Tensor) -> tuple[float, float] | None:
@@ -160,7 +229,9 @@ def captum(ctx: Context, page: Page) -> None:
     from ..analysis.compare import compare_attributions
 
     methods = _methods(ctx)
-    result = compare_attributions(ctx.model, ctx.x, target=ctx.target, methods=methods, baseline=FAITHFULNESS_BASELINE)
+    result = compare_attributions(ctx.model, ctx.x, target=ctx.target, methods=methods, baseline=FAITHFULNESS_BASELINE,
+                                  n_steps=ctx.settings.curve_steps, progress=progress_bars(),
+                                  batch_size=8 if ctx.x.device.type == "cpu" else 128)  # CPU: cache-sized chunks
     frame = result.to_dataframe()
     header = ["method", "from", "deletion AUC (lower is better)", "insertion AUC (higher is better)", "seconds"]
     masked = ctx.clean.mask is not None
@@ -185,7 +256,17 @@ def captum(ctx: Context, page: Page) -> None:
               f"image's mean colour (area under the curve over the fraction removed); insertion: as they are "
               f"revealed on that colour. Bold: the best insertion minus deletion ({frame['method'][best]}). "
               "One image's AUCs are noisy: compare methods over many images before trusting an order. "
-              "Seconds: the time to compute the map on this machine.")
+              "Seconds: the time to compute the map on this machine." + _ig_delta(ctx, result))
     page.figure(overlay_figure(ctx.clean.pixels, maps, ctx.layout.patch_size,
                                f"attribution maps of {ctx.name(ctx.target)!r}, ours and Captum's"))
     page.figure(result.plot(title="deletion and insertion AUC, seconds"))
+
+
+def _ig_delta(ctx: Context, result) -> str:
+    """Integrated gradients' convergence delta (attributions' sum minus the score difference)."""
+    if "integrated_gradients" not in result.parts or "delta" not in result.part("integrated_gradients").meta:
+        return ""
+    delta = float(result.part("integrated_gradients").meta["delta"].abs().max())
+    return (f" Integrated gradients ({ctx.settings.ig_steps} steps): convergence delta {delta:.3g} (the "
+            "attributions' sum minus the change in the target's score from the zero baseline; near 0 is "
+            "converged; --thorough uses 50 steps).")

@@ -34,6 +34,7 @@ class Context:
     target_given: bool
     top_k: int = 5
     is_clip: bool = False
+    settings: Any = None  # report.settings.Settings: how much each section runs
     results: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -120,6 +120,46 @@ def test_faithfulness_curve_ends_are_the_clean_and_baseline_scores(analysis_pair
     torch.testing.assert_close(result.values[:, 0], torch.trapezoid(deletion, x))
 
 
+def test_every_curve_point_is_its_own_perturbed_image_scored_directly(analysis_pair):
+    """Each distinct perturbed image is scored once (the curves' ends and insertion images that
+    equal deletion images are shared): every point still equals the source model's score of the
+    image built naively, patch by patch, for deletion (remove the top-ranked patches) and
+    insertion (reveal them on the baseline)."""
+    p = analysis_pair("plain")
+    classes = classes_for(p)
+    maps = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(3))
+    steps = 4
+    curves = px.faithfulness(p.tl, p.images, classes, maps=maps, curves=("deletion", "insertion"),
+                             n_steps=steps).part("curves").values
+    patch = p.images.shape[-1] // 4
+    for b in range(3):
+        order = torch.sort(maps[b].flatten(), descending=True, stable=True).indices
+        for s, count in enumerate(torch.round(torch.arange(steps + 1) * 16 / steps).long().tolist()):
+            top = torch.zeros(16, dtype=torch.bool)
+            top[order[:count]] = True
+            mask = top.view(4, 4).repeat_interleave(patch, 0).repeat_interleave(patch, 1).float()
+            removed = p.images[b] * (1 - mask)  # the baseline is zeros
+            revealed = p.images[b] * mask
+            with torch.no_grad():
+                want = p.src(torch.stack([removed, revealed])).softmax(-1)[:, classes[b]]
+            torch.testing.assert_close(curves[b, :, s], want, atol=1e-5, rtol=1e-4)
+
+
+def test_the_same_perturbed_image_is_scored_once():
+    from prisma_ext.analysis.faithfulness import _distinct_images
+
+    ranks = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i)) for i in range(6)])
+    ranks = ranks.view(3, 2, 16)  # 3 runs (deletion, insertion, deletion of another map), 2 images
+    inserts = torch.tensor([False, True, False])
+    counts = torch.tensor([0, 4, 8, 12, 16])
+    example, replaced, inverse = _distinct_images(ranks, inserts, counts)
+    naive = torch.stack([torch.where(inserts[r], ~(ranks[r, b] < c), ranks[r, b] < c)
+                         for r in range(3) for b in range(2) for c in counts])
+    torch.testing.assert_close(replaced[inverse], naive)
+    torch.testing.assert_close(example[inverse], torch.arange(2).repeat_interleave(5).repeat(3))
+    assert len(example) == 2 * 2 + 3 * 2 * 3  # per image: nothing and everything replaced, once
+
+
 def test_faithfulness_same_on_both_backends_and_takes_results(analysis_pair):
     p = analysis_pair("dinov2_reg4")
     rollout = px.attention_rollout(p.tl, p.images)

@@ -31,16 +31,39 @@ class PositionGroups:
         return out
 
 
-GRID_SPECS = ("prefix", "patches", "rows", "cols")
+GRID_SPECS = ("prefix", "patches", "rows", "cols", "blocks")
+MAX_BLOCKS = 7  # "blocks" without a size: blocks of k x k patches, k the smallest giving <= 7 x 7 blocks
+
+
+def block_size(grid: tuple[int, int], most: int = MAX_BLOCKS) -> int:
+    """The smallest k whose k x k blocks cover `grid` in at most `most` blocks per side."""
+    return max(1, -(-max(grid) // most))
+
+
+def _blocks(spec: str, first: int, rows: int, cols: int) -> PositionGroups:
+    """"blocks" / "blocks:K": the patches in K x K blocks (the last row and column of blocks may
+    be narrower), row by row, labelled by the patch rows and columns they cover."""
+    size = spec.partition(":")[2]
+    if size and not (size.isdigit() and int(size) >= 1):
+        raise PrismaError(f"positions={spec!r}: the block size must be a positive integer, e.g. 'blocks:2'")
+    k = int(size) if size else block_size((rows, cols))
+    groups, labels = [], []
+    for r0 in range(0, rows, k):
+        for c0 in range(0, cols, k):
+            r1, c1 = min(r0 + k, rows), min(c0 + k, cols)
+            groups.append([first + r * cols + c for r in range(r0, r1) for c in range(c0, c1)])
+            labels.append(f"rows {r0}-{r1 - 1}, cols {c0}-{c1 - 1}")
+    return PositionGroups(groups, labels, "block")
 
 
 def resolve_positions(spec, layout: TokenLayout, n_tokens: int | None = None, grid: bool = True) -> PositionGroups:
     """`spec`: "all" (each token), "prefix" (each prefix token), "patches" (each patch), "rows" /
-    "cols" (each row / column of patches), a boolean patch-grid mask [rows, cols] (one group), a
+    "cols" (each row / column of patches), "blocks:K" (K x K blocks of patches; "blocks": K
+    chosen for at most 7 x 7 blocks), a boolean patch-grid mask [rows, cols] (one group), a
     list of token indices (each on its own), a list of lists (groups) or a dict label -> indices.
     grid=False (a text tower): tokens are labelled t0, t1, ... and the image-only specs are refused."""
     n_tokens = n_tokens or layout.n_tokens
-    if not grid and (_is_mask(spec) or (isinstance(spec, str) and spec in GRID_SPECS)):
+    if not grid and (_is_mask(spec) or (isinstance(spec, str) and spec.partition(":")[0] in GRID_SPECS)):
         raise PrismaError(f"positions={spec if isinstance(spec, str) else 'a patch-grid mask'!r}: text has no "
                           "patch grid; use 'all', token indices, groups of indices or a dict label -> indices")
     image_labels = grid and n_tokens == layout.n_tokens
@@ -65,7 +88,9 @@ def resolve_positions(spec, layout: TokenLayout, n_tokens: int | None = None, gr
         if spec == "cols":
             return PositionGroups([[patch(r, c) for r in range(rows)] for c in range(cols)],
                                   [f"col {c}" for c in range(cols)], "position")
-        raise PrismaError(f"unknown positions {spec!r}: use 'all', 'prefix', 'patches', 'rows', 'cols', a "
+        if spec.partition(":")[0] == "blocks":
+            return _blocks(spec, first, rows, cols)
+        raise PrismaError(f"unknown positions {spec!r}: use 'all', 'prefix', 'patches', 'rows', 'cols', 'blocks:K', a "
                           "patch-grid mask, a list of token indices or a list of groups")
     if isinstance(spec, dict):
         groups = [_indices(v, n_tokens, allow_empty=True) for v in spec.values()]
