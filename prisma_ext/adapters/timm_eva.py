@@ -13,8 +13,8 @@ from ..errors import UnsupportedModelError
 from ..hooked.config import ViTConfig
 from ..hooked.rotary import RotaryWeights
 from ..hooked.weights import BlockWeights, ViTWeights
-from .timm_layers import GATED, act_name, check_mlp, mlp_weights, mlp_width, norm_kind, norm_params, tower_norms
-from .timm_vit import TimmViTAdapter, _from_timm, _per_channel
+from .timm_layers import check_mlp, tower_norms
+from .timm_vit import TimmViTAdapter, _final_norm, _from_timm
 
 ATTENTION_CLASSES = ("EvaAttention", "AttentionRope")
 
@@ -107,8 +107,7 @@ class TimmEvaAdapter(TimmViTAdapter):
         self.norms(m)
 
     def norms(self, m: nn.Module):
-        final = m.fc_norm if not isinstance(m.fc_norm, nn.Identity) else m.norm
-        named = {"norm_pre": m.norm_pre, "the final norm": final}
+        named = {"norm_pre": m.norm_pre, "the final norm": _final_norm(m)[1]}
         for i, blk in enumerate(m.blocks):
             named.update({f"blocks.{i}.norm1": blk.norm1, f"blocks.{i}.norm2": blk.norm2,
                           f"blocks.{i}.attn.q_norm": blk.attn.q_norm, f"blocks.{i}.attn.k_norm": blk.attn.k_norm,
@@ -119,97 +118,38 @@ class TimmEvaAdapter(TimmViTAdapter):
 
     # ---------------------------------------------------------------- config
     def config(self, m: nn.Module) -> ViTConfig:
-        blk = m.blocks[0]
-        pre_cfg = getattr(m, "pretrained_cfg", None) or {}
-        arch, tag = pre_cfg.get("architecture", ""), pre_cfg.get("tag")
-        norms = self.norms(m)
-        in_chans = m.patch_embed.proj.in_channels
         rotary = "none"
         tables = heads = 1
         if m.rope is not None:
-            rotary = "half" if blk.attn.rotate_half else "interleaved"
+            rotary = "half" if m.blocks[0].attn.rotate_half else "interleaved"
             sin, _ = TimmRotaryTables(m.rope, bool(m.dynamic_img_size))(tuple(m.patch_embed.grid_size))
             tables, heads = sin.shape[0], sin.shape[2]
         return ViTConfig(
-            d_model=m.embed_dim,
-            n_layers=len(m.blocks),
-            n_heads=blk.attn.num_heads,
-            d_head=blk.attn.head_dim,
-            d_mlp=mlp_width(blk.mlp),
-            n_classes=m.head.out_features if isinstance(m.head, nn.Linear) else 0,
-            img_size=tuple(m.patch_embed.img_size),
-            patch_size=tuple(m.patch_embed.patch_size),
-            in_chans=in_chans,
-            act_fn=act_name(blk.mlp.act),
-            eps=norms.eps, eps_final=norms.eps, eps_pre=norms.eps,
-            norm_type=norms.kind,
-            qk_norm=norm_kind(blk.attn.q_norm, "attn.q_norm") is not None,
-            attn_norm=norm_kind(blk.attn.norm, "attn.norm") is not None,
-            gated_mlp=type(blk.mlp).__name__ in GATED,
-            mlp_norm=norm_kind(blk.mlp.norm, "mlp.norm") is not None,
+            **self._config_fields(m),
             rotary=rotary, rotary_tables=tables, rotary_heads=heads,
-            n_cls=1 if m.cls_token is not None else 0,
             n_reg=m.reg_token.shape[1] if m.reg_token is not None else 0,
-            has_pos_embed=m.pos_embed is not None,
-            pos_embed_on_prefix=not m.no_embed_class,
-            pos_embed_grid=tuple(m.patch_embed.grid_size),
-            dynamic_img_size=bool(m.dynamic_img_size),
-            ln_pre=not isinstance(m.norm_pre, nn.Identity),
-            global_pool=m.global_pool,
             pool_include_prefix=m.global_pool == "map",  # Eva's attention pool reads every token, avg the patches
-            final_norm="pooled" if not isinstance(m.fc_norm, nn.Identity) else
-            "tokens" if not isinstance(m.norm, nn.Identity) else "none",
-            attn_pool_heads=m.attn_pool.num_heads if m.global_pool == "map" else 0,
-            attn_pool_latent_len=m.attn_pool.latent_len if m.global_pool == "map" else 1,
-            attn_pool_d_mlp=m.attn_pool.mlp.fc1.out_features if m.global_pool == "map" else 0,
-            attn_pool_act=act_name(m.attn_pool.mlp.act) if m.global_pool == "map" else "",
-            source=f"timm:{arch}{'.' + tag if tag else ''}" if arch else "timm",
-            mean=_per_channel(pre_cfg.get("mean", (0.5,)), in_chans),
-            std=_per_channel(pre_cfg.get("std", (0.5,)), in_chans),
-            crop_pct=float(pre_cfg.get("crop_pct", 1.0) or 1.0),
-            dtype=m.patch_embed.proj.weight.dtype,
-            device=m.patch_embed.proj.weight.device,
         )
 
     # ---------------------------------------------------------------- weights
     def weights(self, m: nn.Module) -> ViTWeights:
         blocks = []
         for blk in m.blocks:
-            attn = blk.attn
-            qkv_w, qkv_b = _qkv(attn)
-            blocks.append(BlockWeights(
-                ln1=norm_params(blk.norm1), qkv_w=qkv_w, qkv_b=qkv_b,
-                proj_w=attn.proj.weight, proj_b=attn.proj.bias,
-                ln2=norm_params(blk.norm2), **mlp_weights(blk.mlp),
-                ls1=blk.gamma_1, ls2=blk.gamma_2,
-                q_norm=norm_params(attn.q_norm), k_norm=norm_params(attn.k_norm), attn_norm=norm_params(attn.norm),
-            ))
-        final = m.fc_norm if not isinstance(m.fc_norm, nn.Identity) else m.norm
+            qkv_w, qkv_b = _qkv(blk.attn)
+            blocks.append(BlockWeights(**self._block_fields(blk), qkv_w=qkv_w, qkv_b=qkv_b,
+                                       ls1=blk.gamma_1, ls2=blk.gamma_2))
         rotary = None
         if m.rope is not None:
             source = TimmRotaryTables(m.rope, bool(m.dynamic_img_size))
             sin, cos = source(tuple(m.patch_embed.grid_size))
             rotary = RotaryWeights(sin=sin, cos=cos, source=source if m.dynamic_img_size else None)
         return ViTWeights(
-            patch_w=m.patch_embed.proj.weight, patch_b=m.patch_embed.proj.bias,
-            cls=m.cls_token.reshape(-1) if m.cls_token is not None else None,
+            **self._weight_fields(m),
+            blocks=blocks,
             dist=None,
             reg=m.reg_token.reshape(-1, m.embed_dim) if m.reg_token is not None else None,
-            pos_embed=m.pos_embed.reshape(-1, m.embed_dim) if m.pos_embed is not None else None,
-            ln_pre=norm_params(m.norm_pre),
-            blocks=blocks,
-            ln_final=norm_params(final),
-            head_w=m.head.weight if isinstance(m.head, nn.Linear) else None,
-            head_b=m.head.bias if isinstance(m.head, nn.Linear) else None,
-            attn_pool=self._pool_weights(m.attn_pool) if m.global_pool == "map" else None,
             rotary=rotary,
         )
-
-    # ---------------------------------------------------------------- nnsight sites
-    def site_map(self, m: nn.Module) -> dict:
-        from ..sitemaps.timm import timm_vit_sites
-
-        return timm_vit_sites(m)
 
 
 def _qkv(attn: nn.Module) -> tuple[Tensor, Tensor | None]:

@@ -34,10 +34,6 @@ def _from_timm(module: nn.Module) -> bool:
     return type(module).__module__.startswith("timm.")
 
 
-def _bias(linear: nn.Linear):
-    return linear.bias
-
-
 def _per_channel(values, in_chans: int) -> tuple[float, ...]:
     """timm's normalisation statistics for `in_chans` channels: as given when they match; a model
     made for other channels than its config's (e.g. in_chans=1 from an RGB config) gets their mean."""
@@ -148,24 +144,33 @@ class TimmViTAdapter(Adapter):
 
     # ---------------------------------------------------------------- config
     def config(self, m: nn.Module) -> ViTConfig:
-        blk = m.blocks[0]
-        n_heads, d_head = blk.attn.num_heads, blk.attn.head_dim
-        pre_cfg = getattr(m, "pretrained_cfg", None) or {}
-        arch = pre_cfg.get("architecture", "")
-        tag = pre_cfg.get("tag")
-        final_norm, final = _final_norm(m)
-        norms = self.norms(m)
         n_dist = 1 if getattr(m, "dist_token", None) is not None else 0
         return ViTConfig(
+            **self._config_fields(m),
+            n_dist=n_dist,
+            n_reg=0 if n_dist else m.num_reg_tokens,  # timm's distilled forward never adds registers
+            pool_include_prefix=bool(m.pool_include_prefix),
+        )
+
+    def _config_fields(self, m: nn.Module) -> dict:
+        """The config fields timm's VisionTransformer and Eva describe alike (widths, norms, MLP,
+        patch embedding, positions, pooling, final norm, attention pool, preprocessing)."""
+        blk = m.blocks[0]
+        pre_cfg = getattr(m, "pretrained_cfg", None) or {}
+        arch, tag = pre_cfg.get("architecture", ""), pre_cfg.get("tag")
+        norms = self.norms(m)
+        in_chans = m.patch_embed.proj.in_channels
+        pool = m.attn_pool if m.global_pool == "map" else None
+        return dict(
             d_model=m.embed_dim,
             n_layers=len(m.blocks),
-            n_heads=n_heads,
-            d_head=d_head,
+            n_heads=blk.attn.num_heads,
+            d_head=blk.attn.head_dim,
             d_mlp=mlp_width(blk.mlp),
             n_classes=m.head.out_features if isinstance(m.head, nn.Linear) else 0,
             img_size=tuple(m.patch_embed.img_size),
             patch_size=tuple(m.patch_embed.patch_size),
-            in_chans=m.patch_embed.proj.in_channels,
+            in_chans=in_chans,
             act_fn=act_name(blk.mlp.act),
             eps=norms.eps, eps_final=norms.eps, eps_pre=norms.eps,
             norm_type=norms.kind,
@@ -175,23 +180,20 @@ class TimmViTAdapter(Adapter):
             mlp_norm=norm_kind(blk.mlp.norm, "mlp.norm") is not None,
             patch_norm=norm_kind(m.patch_embed.norm, "patch_embed.norm") is not None,
             n_cls=1 if m.cls_token is not None else 0,
-            n_dist=n_dist,
-            n_reg=0 if n_dist else m.num_reg_tokens,  # timm's distilled forward never adds registers
             has_pos_embed=m.pos_embed is not None,
             pos_embed_on_prefix=not m.no_embed_class,
             pos_embed_grid=tuple(m.patch_embed.grid_size),
             dynamic_img_size=bool(m.dynamic_img_size),
             ln_pre=not isinstance(m.norm_pre, nn.Identity),
             global_pool=m.global_pool,
-            final_norm=final_norm,
-            pool_include_prefix=bool(m.pool_include_prefix),
-            attn_pool_heads=m.attn_pool.num_heads if m.global_pool == "map" else 0,
-            attn_pool_latent_len=m.attn_pool.latent_len if m.global_pool == "map" else 1,
-            attn_pool_d_mlp=m.attn_pool.mlp.fc1.out_features if m.global_pool == "map" else 0,
-            attn_pool_act=act_name(m.attn_pool.mlp.act) if m.global_pool == "map" else "",
+            final_norm=_final_norm(m)[0],
+            attn_pool_heads=pool.num_heads if pool is not None else 0,
+            attn_pool_latent_len=pool.latent_len if pool is not None else 1,
+            attn_pool_d_mlp=pool.mlp.fc1.out_features if pool is not None else 0,
+            attn_pool_act=act_name(pool.mlp.act) if pool is not None else "",
             source=f"timm:{arch}{'.' + tag if tag else ''}" if arch else "timm",
-            mean=_per_channel(pre_cfg.get("mean", (0.5,)), m.patch_embed.proj.in_channels),
-            std=_per_channel(pre_cfg.get("std", (0.5,)), m.patch_embed.proj.in_channels),
+            mean=_per_channel(pre_cfg.get("mean", (0.5,)), in_chans),
+            std=_per_channel(pre_cfg.get("std", (0.5,)), in_chans),
             crop_pct=float(pre_cfg.get("crop_pct", 1.0) or 1.0),
             dtype=m.patch_embed.proj.weight.dtype,
             device=m.patch_embed.proj.weight.device,
@@ -199,36 +201,40 @@ class TimmViTAdapter(Adapter):
 
     # ---------------------------------------------------------------- weights
     def weights(self, m: nn.Module) -> ViTWeights:
-        blocks = []
-        for blk in m.blocks:
-            attn = blk.attn
-            blocks.append(BlockWeights(
-                ln1=norm_params(blk.norm1),
-                qkv_w=attn.qkv.weight, qkv_b=_bias(attn.qkv),
-                proj_w=attn.proj.weight, proj_b=_bias(attn.proj),
-                ln2=norm_params(blk.norm2),
-                **mlp_weights(blk.mlp),
-                ls1=getattr(blk.ls1, "gamma", None), ls2=getattr(blk.ls2, "gamma", None),
-                q_norm=norm_params(attn.q_norm), k_norm=norm_params(attn.k_norm), attn_norm=norm_params(attn.norm),
-            ))
-        _, final = _final_norm(m)
+        blocks = [BlockWeights(**self._block_fields(blk), qkv_w=blk.attn.qkv.weight, qkv_b=blk.attn.qkv.bias,
+                               ls1=getattr(blk.ls1, "gamma", None), ls2=getattr(blk.ls2, "gamma", None))
+                  for blk in m.blocks]
         dist_head = getattr(m, "head_dist", None)
         dist = getattr(m, "dist_token", None)
         return ViTWeights(
+            **self._weight_fields(m),
+            blocks=blocks,
+            dist=dist.reshape(-1) if dist is not None else None,
+            reg=m.reg_token.reshape(-1, m.embed_dim) if m.reg_token is not None and dist is None else None,
+            head_dist_w=dist_head.weight if isinstance(dist_head, nn.Linear) else None,
+            head_dist_b=dist_head.bias if isinstance(dist_head, nn.Linear) else None,
+        )
+
+    @staticmethod
+    def _block_fields(blk: nn.Module) -> dict:
+        """A block's weights that VisionTransformer and Eva keep alike (all but qkv and layer scale)."""
+        attn = blk.attn
+        return dict(ln1=norm_params(blk.norm1), proj_w=attn.proj.weight, proj_b=attn.proj.bias,
+                    ln2=norm_params(blk.norm2), **mlp_weights(blk.mlp), q_norm=norm_params(attn.q_norm),
+                    k_norm=norm_params(attn.k_norm), attn_norm=norm_params(attn.norm))
+
+    def _weight_fields(self, m: nn.Module) -> dict:
+        """The model's weights outside the blocks that VisionTransformer and Eva keep alike."""
+        return dict(
             patch_w=m.patch_embed.proj.weight,
             patch_b=m.patch_embed.proj.bias,
             patch_norm=norm_params(m.patch_embed.norm),
             cls=m.cls_token.reshape(-1) if m.cls_token is not None else None,
-            dist=dist.reshape(-1) if dist is not None else None,
-            reg=m.reg_token.reshape(-1, m.embed_dim) if m.reg_token is not None and dist is None else None,
             pos_embed=m.pos_embed.reshape(-1, m.embed_dim) if m.pos_embed is not None else None,
             ln_pre=norm_params(m.norm_pre),
-            blocks=blocks,
-            ln_final=norm_params(final),
+            ln_final=norm_params(_final_norm(m)[1]),
             head_w=m.head.weight if isinstance(m.head, nn.Linear) else None,
             head_b=m.head.bias if isinstance(m.head, nn.Linear) else None,
-            head_dist_w=dist_head.weight if isinstance(dist_head, nn.Linear) else None,
-            head_dist_b=dist_head.bias if isinstance(dist_head, nn.Linear) else None,
             attn_pool=self._pool_weights(m.attn_pool) if m.global_pool == "map" else None,
         )
 
