@@ -117,14 +117,9 @@ class HFViTAdapter(TransformersAdapter):
     def site_map(self, model: nn.Module) -> dict:
         """HookedViT's site names on the transformers modules (`prisma_ext.sitemaps.hf`); with a
         pooler, `hook_pooled` is its dense layer's input (the normalised class token)."""
-        from ..sitemaps.builder import POOLED
         from ..sitemaps.hf import hf_vit_sites
-        from ..sitemaps.spec import Site
 
-        sites = hf_vit_sites(model)
-        if getattr(self._vit(model), "pooler", None) is not None:
-            sites["hook_pooled"] = Site("pooler.dense", "input", shape=POOLED)
-        return sites
+        return hf_vit_sites(model)
 
 
 ADAPTERS = [HFViTAdapter()]

@@ -57,16 +57,18 @@ def hf_clip_vision_sites(model: nn.Module, prefix: str) -> dict[str, Site]:
     return sites.done()
 
 
-def hf_clip_text_sites(model: nn.Module, prefix: str = "text.") -> dict[str, Site]:
-    """`CLIPModel`'s text tower: the token embedding, the layers, the final norm on every token,
-    the pooled position (`text_projection`'s input) and the text embedding. Position embeddings
-    are one [1, pos, d_model] row shared by the batch, so `hook_pos_embed` is not mapped."""
+def hf_clip_text_sites(model: nn.Module, prefix: str = "text.", projection: str = "text_projection"
+                       ) -> dict[str, Site]:
+    """`CLIPModel`'s text tower (and SigLIP's, whose `projection` is "text_model.head"): the token
+    embedding, the layers, the final norm on every token, the pooled position (the projection's
+    input) and the text embedding. Position embeddings are one [1, pos, d_model] row shared by the
+    batch, so `hook_pos_embed` is not mapped."""
     sites = SiteMap(prefix)
     sites.add("hook_embed", Site("text_model.embeddings.token_embedding"))
     _layers(sites, "text_model.encoder.layers", model.text_model.encoder.layers, CLIP_LAYER)
     sites.add("ln_final.hook_normalized", Site("text_model.final_layer_norm"))
-    sites.add("hook_pooled", Site("text_projection", "input", shape=POOLED))
-    sites.add("hook_text_embed", Site("text_projection", shape="[batch, d_proj]"))
+    sites.add("hook_pooled", Site(projection, "input", shape=POOLED))
+    sites.add("hook_text_embed", Site(projection, shape="[batch, d_proj]"))
     return sites.done()
 
 
@@ -77,16 +79,19 @@ def hf_clip_sites(model: nn.Module) -> dict[str, Site]:
     return {**hf_clip_vision_sites(model, prefix="visual."), **hf_clip_text_sites(model)}
 
 
-def hf_vit_sites(model: nn.Module) -> dict[str, Site]:
-    """transformers `ViTForImageClassification` / `ViTModel`: HookedViT's unprefixed names. The
-    patch embedding is `patch_embeddings`' flattened output; positions are added inline (no
-    `hook_embed`); `ln_final` is `layernorm` on every token; `hook_pooled` is the classifier's input."""
-    base = "vit." if hasattr(model, "vit") else ""
-    vit = model.vit if base else model
+def hf_vit_sites(model: nn.Module, encoder: str = "vit") -> dict[str, Site]:
+    """transformers `ViTForImageClassification` / `ViTModel` (and DeiT's, `encoder="deit"`):
+    HookedViT's unprefixed names. The patch embedding is `patch_embeddings`' flattened output;
+    positions are added inline (no `hook_embed`); `ln_final` is `layernorm` on every token;
+    `hook_pooled` is the classifier's input, or the pooler's (the normalised class token)."""
+    base = f"{encoder}." if hasattr(model, encoder) else ""
+    inner = getattr(model, encoder) if base else model
     sites = SiteMap()
     sites.add("hook_patch_embed", Site(f"{base}embeddings.patch_embeddings", shape=TOKENS))
-    _layers(sites, f"{base}layers", vit.layers, VIT_LAYER)
+    _layers(sites, f"{base}layers", inner.layers, VIT_LAYER)
     sites.add("ln_final.hook_normalized", Site(f"{base}layernorm"))
     if getattr(model, "classifier", None) is not None:
         sites.add("hook_pooled", Site("classifier", "input", shape=POOLED))
+    elif getattr(inner, "pooler", None) is not None:
+        sites.add("hook_pooled", Site(f"{base}pooler.dense", "input", shape=POOLED))
     return sites.done()

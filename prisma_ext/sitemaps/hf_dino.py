@@ -17,8 +17,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from .attention import ExplicitHFAttention, SwapForward, serve
-from .builder import D_MLP, HEADS, PATTERN, POOLED, TOKENS, BlockSites, SiteMap
-from .hf import VIT_LAYER, _layers
+from .builder import D_MLP, HEADS, PATTERN, TOKENS, BlockSites, SiteMap
+from .hf import hf_vit_sites
 from .spec import ConvTokens, Heads, Site
 
 
@@ -90,17 +90,7 @@ def hf_dinov3_sites(model: nn.Module) -> dict[str, Site]:
 
 
 def hf_deit_sites(model: nn.Module) -> dict[str, Site]:
-    """`DeiTForImageClassification`, `DeiTForImageClassificationWithTeacher`, `DeiTModel`. The
-    pooled class token is the classifier's input (or the pooler's); the distilled model's two
-    pooled tokens go to two heads, so it has no `hook_pooled`."""
-    base = "deit." if hasattr(model, "deit") else ""
-    deit = model.deit if base else model
-    sites = SiteMap()
-    sites.add("hook_patch_embed", Site(f"{base}embeddings.patch_embeddings", shape=TOKENS))
-    _layers(sites, f"{base}layers", deit.layers, VIT_LAYER)
-    sites.add("ln_final.hook_normalized", Site(f"{base}layernorm"))
-    if getattr(model, "classifier", None) is not None:
-        sites.add("hook_pooled", Site("classifier", "input", shape=POOLED))
-    elif getattr(deit, "pooler", None) is not None:
-        sites.add("hook_pooled", Site("pooler.dense", "input", shape=POOLED))
-    return sites.done()
+    """`DeiTForImageClassification`, `DeiTForImageClassificationWithTeacher`, `DeiTModel`: ViT's
+    layout (`sitemaps.hf.hf_vit_sites`). The pooled class token is the classifier's input (or the
+    pooler's); the distilled model's two pooled tokens go to two heads, so it has no `hook_pooled`."""
+    return hf_vit_sites(model, encoder="deit")

@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .builder import POOLED, TOKENS, SiteMap
-from .hf import CLIP_LAYER, _layers
+from .hf import CLIP_LAYER, _layers, hf_clip_text_sites
 from .spec import IDENTITY, ConvTokens, Site, View
 
 
@@ -61,23 +61,12 @@ def hf_siglip_vision_sites(model: nn.Module, prefix: str) -> dict[str, Site]:
     return sites.done()
 
 
-def hf_siglip_text_sites(model: nn.Module, prefix: str = "text.") -> dict[str, Site]:
-    """The text tower: position embeddings are one [1, pos, d_model] row shared by the batch, so
-    `hook_pos_embed` is not mapped."""
-    sites = SiteMap(prefix)
-    sites.add("hook_embed", Site("text_model.embeddings.token_embedding"))
-    _layers(sites, "text_model.encoder.layers", model.text_model.encoder.layers, CLIP_LAYER)
-    sites.add("ln_final.hook_normalized", Site("text_model.final_layer_norm"))
-    sites.add("hook_pooled", Site("text_model.head", "input", shape=POOLED))
-    sites.add("hook_text_embed", Site("text_model.head", shape="[batch, d_proj]"))
-    return sites.done()
-
-
 def hf_siglip_sites(model: nn.Module) -> dict[str, Site]:
     """`SiglipModel` / `Siglip2Model`: both towers, image first; a vision model: HookedViT's names."""
     if not hasattr(model, "text_model"):
         return hf_siglip_vision_sites(model, prefix="")
-    return {**hf_siglip_vision_sites(model, prefix="visual."), **hf_siglip_text_sites(model)}
+    return {**hf_siglip_vision_sites(model, prefix="visual."),
+            **hf_clip_text_sites(model, projection="text_model.head")}
 
 
 def hf_siglip_classifier_sites(model: nn.Module) -> dict[str, Site]:
