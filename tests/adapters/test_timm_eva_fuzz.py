@@ -13,9 +13,8 @@ from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 
 import prisma_ext as px
-from prisma_ext.errors import PrismaError, UnsupportedModelError
-from prisma_ext.verification import VerificationError
-from tests.adapters.test_timm_fuzz import PROCESSING, check_refusal, source_output
+from prisma_ext.errors import UnsupportedModelError
+from tests.adapters.test_timm_fuzz import reproduce_or_refuse
 from tests.support.models import randomize_
 
 ATOL = RTOL = 1e-4
@@ -106,34 +105,9 @@ def test_every_eva_configuration_reproduces_or_is_refused_by_name(drawn):
     if other_size and cfg["dynamic_img_size"]:
         h, w = h + cfg["patch_size"], w
     images = torch.randn(2, cfg["in_chans"], h, w, generator=torch.Generator().manual_seed(2))
-    reference = source_output(model, images)
-    if reference is None:
-        event("timm cannot run it")
-    assume(reference is not None)
-    try:
-        hooked = px.load(model)
-    except UnsupportedModelError as err:
-        check_refusal(err)
-        event(f"refused: {str(err).split('): ', 1)[-1][:60]}")
-        return
-    event(f"reproduced: rotary {hooked.cfg.rotary}, {hooked.cfg.rotary_tables} table(s)")
-    if traced:  # px.load reads every mapped site once and compares it with the TL model's
-        px.load(model, backend="nnsight")
-        event("traced")
-    with torch.no_grad():
-        torch.testing.assert_close(hooked(images), reference, atol=ATOL, rtol=RTOL)
-    for options in PROCESSING:
-        try:
-            processed = px.load(model, **options)
-        except VerificationError:
-            raise
-        except PrismaError as err:
-            check_refusal(err)
-            assert any(name in str(err) for name in options), (options, str(err))
-            continue
-        with torch.no_grad():
-            got = processed(images)
-        torch.testing.assert_close(got, reference, atol=ATOL, rtol=RTOL, msg=lambda m, o=options: f"{o}: {m}")
+    reproduce_or_refuse(model, images, traced, refused=lambda err: f"refused: {str(err).split('): ', 1)[-1][:60]}",
+                        reproduced=lambda hooked: f"reproduced: rotary {hooked.cfg.rotary}, "
+                                                  f"{hooked.cfg.rotary_tables} table(s)")
 
 
 @pytest.mark.parametrize("overrides, feature", [
