@@ -59,22 +59,11 @@ def hf_tokenizer_auto(model: nn.Module, context_length: int):
     SigLIP's SentencePiece, SigLIP 2's Gemma, MetaCLIP 2's XLM-R), padding to the context as these
     models were trained; None when none is saved (then pass token ids)."""
     from ..hooked.tokenize import PromptTokenizer
+    from .tokenizers import hf_tokenizer
 
     path = getattr(model, "name_or_path", "") or ""
-    if not path:
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:  # no tokenizer files next to the model
-        return None
-
-    def fn(texts, context_length):
-        return tok(texts, padding="max_length", truncation=True, max_length=context_length,
-                   return_tensors="pt").input_ids
-
-    return PromptTokenizer(fn, context_length, pad_id=tok.pad_token_id or 0)
+    fn = hf_tokenizer(path, "AutoTokenizer") if path else None
+    return PromptTokenizer(fn, context_length, pad_id=fn.pad_id or 0) if fn is not None else None
 
 
 def naflex_inputs(images: Tensor, patch_size: int) -> dict[str, Tensor]:

@@ -22,12 +22,14 @@ def open_clip_tokenizer(arch: str | None, context_length: int) -> Callable:
                           f"{err}); pass token ids to encode_text instead") from err
 
 
-def hf_tokenizer(path: str) -> Callable | None:
-    """A `fn(texts, context_length=...)` over the CLIPTokenizer saved with a model, or None."""
+def hf_tokenizer(path: str, kind: str = "CLIPTokenizer") -> Callable | None:
+    """A `fn(texts, context_length=...)` over the tokenizer saved with a model (transformers'
+    `kind`, e.g. "AutoTokenizer"; local files only), padding to the context; None when none is
+    saved. `fn.pad_id` is its padding id."""
     try:
-        from transformers import CLIPTokenizer
+        import transformers
 
-        tok = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        tok = getattr(transformers, kind).from_pretrained(path, local_files_only=True)
     except Exception:  # no tokenizer files next to the model
         return None
 
