@@ -76,8 +76,9 @@ def hf_text_config(model: nn.Module, context_length: int | None, source: str) ->
     else the positions the encoder has."""
     text = model.text
     config = text.config
-    d, n, h, mlp, act, eps = (getattr(config, a, None) if a else None for a in WIDTHS[layout(model)])
-    if layout(model) == "t5":
+    kind = layout(model)
+    d, n, h, mlp, act, eps = (getattr(config, a, None) if a else None for a in WIDTHS[kind])
+    if kind == "t5":
         d_head, norm, gated = config.d_kv, "rmsnorm", bool(getattr(config, "is_gated_act", False))
     else:
         d_head, norm, gated = d // h, "layernorm", False

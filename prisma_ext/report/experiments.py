@@ -61,7 +61,7 @@ def per_patch(ctx: Context, result) -> Tensor:
     """The sweep's effect on every patch [layer, n_patches] (a block's value on each of its patches)."""
     lay = ctx.layout
     values = result.values[0]  # [layer, position]
-    if values.shape[-1] == lay.n_tokens and ctx.settings.positions == "all":
+    if ctx.settings.positions == "all":
         return values[:, lay.n_prefix:]
     groups, _ = _positions(ctx)
     out = torch.zeros(values.shape[0], lay.n_patches, dtype=values.dtype)

@@ -50,8 +50,7 @@ class Settings:
 
 def forward_cost(cfg) -> float:
     """A forward pass's cost in d_model^2 * tokens * layers (the blocks' matrix products)."""
-    rows, cols = (s // p for s, p in zip(cfg.img_size, cfg.patch_size))
-    return cfg.d_model ** 2 * (rows * cols + cfg.n_prefix) * cfg.n_layers
+    return cfg.d_model ** 2 * cfg.layout.n_tokens * cfg.n_layers
 
 
 def settings_for(cfg, thorough: bool = False) -> Settings:
@@ -60,9 +59,9 @@ def settings_for(cfg, thorough: bool = False) -> Settings:
         return Settings(thorough=True)
     from ..analysis.patching.positions import block_size
 
-    rows, cols = (s // p for s, p in zip(cfg.img_size, cfg.patch_size))
+    grid = cfg.layout.grid
     n = cfg.n_layers
     layers = None if n <= 6 else tuple(sorted({round(i * (n - 1) / 5) for i in range(6)}))
-    return Settings(thorough=False, positions=f"blocks:{block_size((rows, cols), 3)}", layers=layers, heads=False,
-                    minimal_counts=6, ig_steps=8, shap_samples=4, ablation_block=block_size((rows, cols), 3),
+    return Settings(thorough=False, positions=f"blocks:{block_size(grid, 3)}", layers=layers, heads=False,
+                    minimal_counts=6, ig_steps=8, shap_samples=4, ablation_block=block_size(grid, 3),
                     curve_steps=3)

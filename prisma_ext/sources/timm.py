@@ -22,10 +22,6 @@ def supported_timm_names() -> list[str]:
     return timm.list_models(module=["vision_transformer", "deit", "eva"])
 
 
-def suggest_names(name: str) -> list[str]:
-    return closest(name, supported_timm_names())
-
-
 class TimmSource(Source):
     prefix = "timm"
 
