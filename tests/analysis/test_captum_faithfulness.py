@@ -265,3 +265,20 @@ def test_no_hooks_or_flags_left_even_after_an_error(call, analysis_pair):
             CALLS[call](model, nan_images, 0)
         assert module_hooks(p.tl) == {} and module_hooks(p.src) == {}, call
         assert fused_flags(p.src) == flags
+
+
+def test_a_block_feature_mask_gives_each_block_of_patches_one_id():
+    """Feature ablation of K x K patch blocks: every pixel of a block shares one id, blocks are
+    numbered row by row, the last row and column of blocks narrower (a transposed or mirrored
+    numbering, or blocks that straddle a row of blocks, fail)."""
+    from prisma_ext.analysis.captum_attr import patch_feature_mask
+    from prisma_ext.layout import TokenLayout
+
+    layout = TokenLayout(1, 0, 0, (4, 5), (2, 2), (8, 10))
+    mask = patch_feature_mask(layout, 3, block=3)
+    assert mask.shape == (1, 3, 8, 10) and torch.equal(mask[0, 0], mask[0, 2])
+    per_patch = mask[0, 0, ::2, ::2]
+    torch.testing.assert_close(per_patch, torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 1, 1],
+                                                        [2, 2, 2, 3, 3]]))
+    torch.testing.assert_close(patch_feature_mask(layout, 1, block=1)[0, 0, ::2, ::2],
+                               torch.arange(20).reshape(4, 5))
