@@ -20,7 +20,7 @@ __version__ = "0.2.0"
 # public name -> (module, attribute); attribute None: the module itself
 _LAZY: dict[str, tuple[str, str | None]] = {
     # loading and models
-    "load": ("prisma_ext.load", "load"),
+    "load": ("prisma_ext.loading", "load"),
     "HookedViT": ("prisma_ext.hooked.vit", "HookedViT"),
     "HookedCLIP": ("prisma_ext.hooked.clip", "HookedCLIP"),
     "HookedTextTransformer": ("prisma_ext.hooked.text", "HookedTextTransformer"),
@@ -94,7 +94,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .hooked.vit import HookedViT
     from .hooked.weights import BlockWeights, TextWeights, ViTWeights
     from .layout import TokenLayout
-    from .load import load
+    from .loading import load
     from .sources import register_source
     from .traced.clip import TracedCLIP
     from .traced.model import TracedViT

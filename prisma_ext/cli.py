@@ -19,10 +19,8 @@ import sys
 from collections.abc import Sequence
 
 PROG = "prisma-ext"
-DEFAULT_MODEL = "timm:vit_tiny_patch16_224"
-DEFAULT_IMAGE = "chelsea"  # scikit-image's cat
+DEFAULT_MODEL = "builtin:shapes-vit"  # inspect's and report's: its weights ship, so it runs offline
 COMMANDS = ("inspect", "report", "models", "sites")
-REPORT_MODEL = "builtin:shapes-vit"
 
 
 class _Named(argparse.Action):
@@ -59,34 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect",
         help="print a model's architecture, token layout, hook sites and top-k prediction",
         description=(
-            "Load a vision transformer as a HookedViT, print its architecture summary, token "
-            "layout and every hook site with its shape (batch size 1), then classify one image."
+            "Load a model as report does (the same weights, image and classes), print its architecture "
+            "summary, token layout and every hook site with its shape (batch size 1), then classify one image."
         ),
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"model source, e.g. timm:vit_small_patch16_224 (default: {DEFAULT_MODEL})",
-    )
-    p.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="use the source's pretrained weights (downloads them if they are not cached); "
-        "default: random weights, so the prediction is meaningless",
-    )
-    p.add_argument(
-        "--image",
-        default=None,
-        metavar="PATH",
-        help="image file to classify (default: scikit-image's 'chelsea' cat photo)",
-    )
-    p.add_argument(
-        "--top-k",
-        type=int,
-        default=5,
-        metavar="K",
-        help="how many classes to print (default: 5)",
-    )
+    _add_model_options(p)
+    p.add_argument("--pretrained", action="store_true", help=argparse.SUPPRESS)  # the default now; kept working
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="how many classes to print (default: 5)")
     p.set_defaults(func=cmd_inspect)
     _add_report(sub)
     p = sub.add_parser("models", help="list the models and sources that load",
@@ -102,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --image and --random-weights, the same for inspect and report."""
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model source: builtin:shapes-vit, builtin:shapes-clip, timm:NAME, open_clip:ARCH/TAG "
+                        f"or hf:REPO (default: {DEFAULT_MODEL})")
+    p.add_argument("--image", default=None, metavar="PATH|builtin:NAME",
+                   help="image file, or builtin:chelsea|astronaut|coffee, or a scene such as builtin:circle or "
+                        "builtin:red-triangle (default: a scene of the model's classes, else builtin:chelsea)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights for timm/open_clip/hf sources (offline; the prediction then means "
+                        "nothing); default: the source's pretrained weights (downloaded if not cached)")
+
+
 def _add_report(sub) -> None:
     p = sub.add_parser(
         "report",
@@ -113,12 +103,7 @@ def _add_report(sub) -> None:
             "compared with Captum's (deletion/insertion AUC, seconds)."
         ),
     )
-    p.add_argument("--model", default=REPORT_MODEL,
-                   help="model source: builtin:shapes-vit, builtin:shapes-clip, timm:NAME, open_clip:ARCH/TAG "
-                        f"or hf:REPO (default: {REPORT_MODEL})")
-    p.add_argument("--image", default=None, metavar="PATH|builtin:NAME",
-                   help="image file, or builtin:chelsea|astronaut|coffee, or a scene such as builtin:circle or "
-                        "builtin:red-triangle (default: a scene of the model's classes, else builtin:chelsea)")
+    _add_model_options(p)
     p.add_argument("--target", default=None, metavar="CLASS",
                    help="class to explain, by name or index (default: the model's top class)")
     p.add_argument("--corrupted", default="auto", metavar="auto|blur|PATH|builtin:NAME",
@@ -128,8 +113,6 @@ def _add_report(sub) -> None:
                    help="output file, replaced if it exists (default: report.html, or report-1.html, ... if that "
                         "exists: a file you did not name is never replaced)")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes in the prediction table (default: 5)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="random weights for timm/open_clip/hf sources (offline; the report then explains noise)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--thorough", action="store_true",
                    help="the full version of every section (every token, layer and head patched; 50 IG steps, "
@@ -139,14 +122,6 @@ def _add_report(sub) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # inspect
-
-
-def _read_image(path: str | None):
-    from prisma_ext.data import load_image, sample_image
-
-    if path is None:
-        return sample_image(DEFAULT_IMAGE), f"sample image {DEFAULT_IMAGE!r} (scikit-image)"
-    return load_image(path), path
 
 
 def _site_table(shapes: dict) -> str:
@@ -179,49 +154,37 @@ def _section(title: str) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """The model, image and classes are resolved as `report` resolves them (`report.build`), so
+    the two commands print the same prediction for the same arguments."""
     if args.top_k < 1:
         raise _UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    from prisma_ext.report.inputs import check_spec
 
-    # Read the image first: a bad path fails in a moment, before the heavy imports.
-    img, img_desc = _read_image(args.image)
+    check_spec(args.image)  # a bad image fails in a moment, before the heavy imports
 
-    import torch
+    from prisma_ext.report.build import load_model, model_input, predict
 
-    from prisma_ext.load import load
-
-    weights = "pretrained" if args.pretrained else "random"
+    weights = "random" if args.random_weights else "pretrained"
     print(f"{PROG} inspect: {args.model} ({weights} weights)")
-    model = load(args.model, pretrained=args.pretrained)
-    model.eval()
+    model, source = load_model(args.model, pretrained=not args.random_weights)
 
     _section("architecture")
     print(model.summary())
-
     _section("token layout")
     print(model.layout.describe())
-
     shapes = model.site_shapes()
     _section(f"hook sites ({len(shapes)}, batch size 1)")
     print(_site_table(shapes))
 
-    x = model.preprocess(img)
-    with torch.inference_mode():
-        if hasattr(model, "use_zero_shot_head"):  # CLIP: ImageNet classes as text prompts
-            print("\n(CLIP: zero-shot over the ImageNet classes, prompt 'a photo of a {}.')")
-            texts = model.zero_shot_classifier(templates=["a photo of a {}."])
-            from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-            model.visual.set_unembed(texts, list(IMAGENET_CLASSNAMES))
-            logits = model.logit_scale.exp() * model.encode_image(x, normalize=True) @ texts.T
-        else:
-            logits = model(x)
-    probs = torch.softmax(logits.float(), dim=-1)[0]
+    image, x = model_input(model, source, args.image)
+    _, probs = predict(model, x)
     k = min(args.top_k, probs.shape[-1])
-    h, w = img.shape[:2]
     _section(f"top-{k} prediction")
-    print(f"image: {img_desc} ({h}x{w}), model input {tuple(x.shape)}")
-    if not args.pretrained:
-        print("(random weights: these classes mean nothing; pass --pretrained for real ones)")
+    print(f"image: {image.name}, model input {tuple(x.shape)}")
+    if hasattr(model, "use_zero_shot_head"):
+        print(f"(CLIP: zero-shot over {len(model.class_names or [])} class prompts)")
+    if args.random_weights:
+        print("(random weights: these classes mean nothing; leave out --random-weights for real ones)")
     for line in _top_k_lines(probs, k, model.class_names):
         print(line)
     return 0
@@ -249,7 +212,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_sites(args: argparse.Namespace) -> int:
-    from prisma_ext.load import load
+    from prisma_ext.loading import load
 
     model = load(args.model, pretrained=args.model.startswith("builtin:"))
     shapes = model.site_shapes()
@@ -268,7 +231,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 bad input)."""
+    """Run the command line; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # `prisma-ext` and `prisma-ext --model ...` mean `prisma-ext inspect ...`.
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
@@ -279,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; a report is written only at the end, so no partial file
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # e.g. `prisma-ext inspect | head`
         import os
 

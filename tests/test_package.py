@@ -24,14 +24,14 @@ ALLOWED = {
     "data": {"core"},
     "zoo": {"core", "data"},
     "sources": {"core", "adapters", "zoo"},
-    "load": {"core", "sources", "adapters", "traced", "verification"},
+    "loading": {"core", "sources", "adapters", "traced", "verification"},
     "verification": {"core", "hooked"},
     "analysis": {"core", "hooked", "viz"},
     "metrics": {"analysis"},
     "viz": {"core"},
-    "report": {"core", "analysis", "viz", "load", "data", "zoo"},
+    "report": {"core", "analysis", "viz", "loading", "data", "zoo"},
     "catalog": {"core", "sources", "zoo"},
-    "cli": {"core", "report", "catalog", "load", "data"},
+    "cli": {"core", "report", "catalog", "loading", "data"},
     "bridge": {"core"},
 }
 

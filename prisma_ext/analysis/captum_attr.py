@@ -106,9 +106,7 @@ def _run_captum(method: str, backend: Backend, images: Tensor, target: Target, l
     elif method == "saliency":
         attr = ca.Saliency(forward).attribute(images, target=columns, **opts)
     elif method == "gradient_shap":
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        noise = torch.rand((4, *images.shape[1:]), generator=gen).to(images)
-        kw = dict(baselines=torch.cat([zeros[:1], noise]), n_samples=16, stdevs=0.0) | opts
+        kw = dict(baselines=zeros[:1], n_samples=16, stdevs=0.1) | opts
         attr = ca.GradientShap(forward).attribute(images, target=columns, **kw)
     elif method == "noise_tunnel":
         kw = dict(nt_type="smoothgrad", nt_samples=8, stdevs=0.1, baselines=zeros, n_steps=16,
@@ -130,9 +128,10 @@ def _run_captum(method: str, backend: Backend, images: Tensor, target: Target, l
         if not 0 <= layer < backend.cfg.n_layers:
             raise InputError(f"layer_gradcam: layer must be in [0, {backend.cfg.n_layers}), got {layer}")
         probe = _GridProbe()
-        site = f"blocks.{layer}.hook_resid_pre"
+        site = f"blocks.{layer}.ln1.hook_normalized"
         forward = backend.score_table(target, edit={site: _grid_edit(probe, layout)})
-        attr = ca.LayerGradCam(forward, probe).attribute(images, target=columns, **opts)
+        kw = dict(relu_attributions=True) | opts
+        attr = ca.LayerGradCam(forward, probe).attribute(images, target=columns, **kw)
     return attr, delta
 
 
@@ -155,12 +154,14 @@ def captum_attribution(model: Any, images: Tensor, target: Any = None, *, method
     """One of Captum's attribution methods, as a map on the patch grid [batch, patch].
 
     method (ours or Captum's class name): "integrated_gradients" (zero baseline, n_steps=50),
-    "saliency" (absolute gradients), "gradient_shap" (baselines: zeros and 4 uniform-noise
-    images, n_samples=16), "noise_tunnel" (SmoothGrad over IntegratedGradients: nt_samples=8,
+    "saliency" (absolute gradients), "gradient_shap" (the zero baseline, n_samples=16 with
+    stdevs=0.1 of input noise), "noise_tunnel" (SmoothGrad over IntegratedGradients: nt_samples=8,
     stdevs=0.1, n_steps=16), "feature_ablation" and "occlusion" (each patch replaced by 0, one
-    feature / window per patch), "layer_gradcam" (the input of block `layer`, default the
-    last, its patch tokens reshaped to [batch, d_model, rows, cols]; the last block's output
-    would give a CLS model's patches no gradient). `options` go to Captum's `attribute`
+    feature / window per patch), "layer_gradcam" (Grad-CAM with its ReLU on the normalised input
+    of block `layer`'s attention, `blocks.{layer}.ln1.hook_normalized`, default the last block,
+    its patch tokens reshaped to [batch, d_model, rows, cols]; the last block's output would
+    give a CLS model's patches no gradient, and the un-normalised residual stream's shared
+    component across patches sets the sign of the map). `options` go to Captum's `attribute`
     (e.g. n_steps, baselines, internal_batch_size (default: max(64, the examples Captum
     expands the batch to)), perturbations_per_eval (default 16), relu_attributions).
     Gradient methods sum pixel attributions over each patch; ablation and occlusion give each

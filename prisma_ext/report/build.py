@@ -67,8 +67,13 @@ def check_out(out: str | os.PathLike) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"--out {str(path)!r}: folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"--out {str(path)!r}: folder {str(parent)!r} is not writable")
+    try:  # a real write, not os.access: root passes that test for a read-only file system
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"--out {str(path)!r}: folder {str(parent)!r} is not writable "
+                         f"({err.strerror or err})") from None
     return path
 
 
@@ -96,7 +101,7 @@ def load_model(source: Any, pretrained: bool = True) -> tuple[Any, str]:
     from .inputs import is_clip, source_of, zero_shot_classes
 
     if isinstance(source, str):
-        from ..load import load
+        from ..loading import load
 
         try:
             model = load(source, pretrained=pretrained)
@@ -123,6 +128,17 @@ def default_image(model: Any) -> str:
         if _parse_scene(str(name)) is not None:
             return f"builtin:{name}"
     return DEFAULT_PHOTO
+
+
+def model_input(model: Any, source: str, image: str | None):
+    """(the image at the model's size, its normalised input [1, 3, H, W]) of an image spec
+    (default: `default_image`), a scene drawn as the built-in model's training scenes were."""
+    from ..analysis.backend import Backend
+    from .inputs import read_image, scene_options, to_input
+
+    cfg = Backend.of(model).cfg
+    clean = read_image(image or default_image(model), cfg, scene_options(source))
+    return clean, to_input(clean.pixels, cfg)
 
 
 def predict(model: Any, x) -> tuple[Any, Any]:
@@ -160,7 +176,6 @@ def prepare(model: Any = DEFAULT_MODEL, image: str | None = None, target: str | 
         class_index,
         corrupted_image,
         is_clip,
-        read_image,
         scene_options,
         to_input,
     )
@@ -174,8 +189,7 @@ def prepare(model: Any = DEFAULT_MODEL, image: str | None = None, target: str | 
     model, source = load_model(model, pretrained)
     cfg = Backend.of(model).cfg
     scene = scene_options(source)
-    clean = read_image(image or default_image(model), cfg, scene)
-    x = to_input(clean.pixels, cfg)
+    clean, x = model_input(model, source, image)
     logits, probs = predict(model, x)
     given = target is not None
     target_index = class_index(model, str(target)) if given else int(logits.argmax())

@@ -256,10 +256,34 @@ def captum(ctx: Context, page: Page) -> None:
               f"image's mean colour (area under the curve over the fraction removed); insertion: as they are "
               f"revealed on that colour. Bold: the best insertion minus deletion ({frame['method'][best]}). "
               "One image's AUCs are noisy: compare methods over many images before trusting an order. "
-              "Seconds: the time to compute the map on this machine." + _ig_delta(ctx, result))
+              "Seconds: the time to compute the map on this machine." + _ig_delta(ctx, result)
+              + _below_random(frame))
     page.figure(overlay_figure(ctx.clean.pixels, maps, ctx.layout.patch_size,
                                f"attribution maps of {ctx.name(ctx.target)!r}, ours and Captum's"))
     page.figure(result.plot(title="deletion and insertion AUC, seconds"))
+
+
+# Methods known to do poorly on ViTs, and why (said in the report whenever they are compared).
+KNOWN_WEAK = {
+    "layer_gradcam": "Grad-CAM weights each channel by its gradient averaged over patches, a CNN's "
+                     "assumption; on ViTs it is known to be weak (Chefer, Gur & Wolf 2021 measure it near "
+                     "random), even on the normalised stream with its ReLU, as run here",
+}
+
+
+def _below_random(frame) -> str:
+    """A sentence naming the methods whose insertion minus deletion is below the random map's,
+    and what is known about weak methods in the table."""
+    score = dict(zip(frame["method"], frame["insertion"] - frame["deletion"]))
+    floor = score.get("random")
+    text = ""
+    if floor is not None:
+        worse = [m for m, v in score.items() if m != "random" and v < floor]
+        if worse:
+            text += (f" Below the random map on this image (insertion minus deletion): {', '.join(worse)}; "
+                     "its order of patches explains the prediction no better than chance.")
+    known = [f"{m}: {why}." for m, why in KNOWN_WEAK.items() if m in score]
+    return text + (" " + " ".join(known) if known else "")
 
 
 def _ig_delta(ctx: Context, result) -> str:

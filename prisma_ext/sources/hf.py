@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from pathlib import Path
+
 from torch import nn
 
 from ..errors import PrismaError, UnsupportedModelError
 from . import Source, is_path
+from .hub import offline_if_unreachable, unreachable_message
 
 POOLED_CLASSES = ("ViTModel", "DeiTModel")  # built with or without a pooler (add_pooling_layer)
 
@@ -13,7 +17,6 @@ POOLED_CLASSES = ("ViTModel", "DeiTModel")  # built with or without a pooler (ad
 def _has_pooler(source: str) -> bool:
     """Whether a saved folder's checkpoint has pooler weights (a repo id: the class default, with)."""
     import json
-    from pathlib import Path
 
     folder = Path(source)
     if not folder.is_dir():
@@ -39,18 +42,25 @@ class HFSource(Source):
     prefix = "hf"
 
     def build(self, name, pretrained, kwargs) -> nn.Module:
-        import transformers
-        from transformers import AutoConfig
-
-        from ..adapters.hf_common import DEFAULT_CLASSES, class_for
         from ..adapters.registry import builtin_adapters
 
         builtin_adapters()  # every HF adapter registers its classes
         source = str(pretrained) if is_path(pretrained) else name
+        from_hub = not is_path(pretrained) and not Path(name).is_dir()
+        with offline_if_unreachable() if from_hub else nullcontext(False) as unreachable:
+            return self._build(name, source, pretrained, kwargs, unreachable)
+
+    def _build(self, name, source, pretrained, kwargs, unreachable: bool) -> nn.Module:
+        import transformers
+        from transformers import AutoConfig
+
+        from ..adapters.hf_common import DEFAULT_CLASSES, class_for
+
         try:
             config = AutoConfig.from_pretrained(source)
         except (OSError, ValueError) as err:
-            raise PrismaError(f"could not read the config of hf:{source} ({type(err).__name__}: {err}). "
+            why = unreachable_message("its config") if unreachable else f"{type(err).__name__}: {err}"
+            raise PrismaError(f"could not read the config of hf:{source} ({why}). "
                               "Offline? Save the model with save_pretrained and pass its folder") from err
         kind = class_for(config)
         if kind is None:
@@ -64,7 +74,9 @@ class HFSource(Source):
         try:
             module = cls.from_pretrained(source, **kwargs) if pretrained else cls(config, **kwargs)
         except (OSError, ValueError) as err:
-            raise PrismaError(f"could not load the weights of hf:{source} ({type(err).__name__}: {err})") from err
+            why = unreachable_message("they are") if unreachable else f"{type(err).__name__}: {err}"
+            raise PrismaError(f"could not load the weights of hf:{source} ({why}). Offline? Save the model with "
+                              "save_pretrained and pass its folder") from err
         module.eval()
         module._prisma_source = f"hf:{name}"
         return module

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import PrismaError, UnknownNameError, suggest
 from . import Source, is_path
+from .hub import offline_if_unreachable, unreachable_message
 
 
 class OpenCLIPSource(Source):
@@ -46,13 +48,16 @@ class OpenCLIPSource(Source):
             weights = tag or tags[0]
         else:
             weights = None
+        from_hub = bool(weights) and not is_path(pretrained)
         try:
-            module = open_clip.create_model(arch, pretrained=weights, **kwargs)
+            with offline_if_unreachable() if from_hub else nullcontext(False) as unreachable:
+                module = open_clip.create_model(arch, pretrained=weights, **kwargs)
         except (OSError, RuntimeError, ValueError) as err:
-            if weights and not is_path(pretrained):
+            if from_hub:
+                why = unreachable_message("the file") if unreachable else f"{type(err).__name__}: {err}"
                 raise PrismaError(
-                    f"could not fetch pretrained weights {weights!r} for open_clip:{arch} ({type(err).__name__}: "
-                    f"{err}). Offline? Pass pretrained=False or pretrained='path/to/checkpoint'") from err
+                    f"could not fetch pretrained weights {weights!r} for open_clip:{arch} ({why}). "
+                    "Offline? Pass pretrained=False or pretrained='path/to/checkpoint'") from err
             raise PrismaError(f"open_clip could not build {name}: {err}") from err
         module.eval()
         module._prisma_arch = arch

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import PrismaError, UnknownNameError, UnsupportedModelError, closest, suggest
 from . import Source, is_path
+from .hub import offline_if_unreachable, unreachable_message
 
 EXAMPLES = ["vit_small_patch16_224", "deit_small_distilled_patch16_224", "vit_small_patch14_reg4_dinov2",
             "vit_base_patch16_siglip_224"]
@@ -51,12 +53,15 @@ class TimmSource(Source):
                 overlay["num_classes"] = kwargs["num_classes"]
             kwargs = dict(kwargs, pretrained_cfg_overlay=overlay)
             pretrained = True
+        from_hub = bool(pretrained) and not kwargs.get("pretrained_cfg_overlay")
         try:
-            module = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+            with offline_if_unreachable() if from_hub else nullcontext(False) as unreachable:
+                module = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
         except (OSError, RuntimeError, ValueError) as err:
-            if pretrained and not kwargs.get("pretrained_cfg_overlay"):
+            if from_hub:
+                why = unreachable_message("the file") if unreachable else f"{type(err).__name__}: {err}"
                 raise PrismaError(
-                    f"could not fetch pretrained weights for timm:{name} ({type(err).__name__}: {err}). "
+                    f"could not fetch pretrained weights for timm:{name} ({why}). "
                     "Offline? Pass pretrained=False for random weights or pretrained='path/to/checkpoint'"
                 ) from err
             raise PrismaError(f"timm could not build {name}: {err}") from err

@@ -40,7 +40,7 @@ def test_inspect_prints_summary_layout_sites_and_top_k(capsys, tmp_path):
     Image.fromarray(rng.integers(0, 256, (180, 260, 3), dtype=np.uint8)).save(path)
 
     rc = cli.main(
-        ["inspect", "--model", "timm:vit_tiny_patch16_224", "--image", str(path), "--top-k", "3"]
+        ["inspect", "--model", "timm:vit_tiny_patch16_224", "--random-weights", "--image", str(path), "--top-k", "3"]
     )
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -65,8 +65,8 @@ def test_no_command_means_inspect_with_defaults(monkeypatch):
     monkeypatch.setattr(cli, "cmd_inspect", lambda args: seen.append(args) or 0)
     assert cli.main([]) == 0
     assert cli.main(["--top-k", "2"]) == 0
-    assert seen[0].model == "timm:vit_tiny_patch16_224"
-    assert seen[0].pretrained is False
+    assert seen[0].model == "builtin:shapes-vit"  # the same default as report's: trained, offline
+    assert seen[0].random_weights is False
     assert seen[0].image is None
     assert seen[0].top_k == 5
     assert seen[1].top_k == 2
@@ -127,7 +127,7 @@ def test_help_runs_without_heavy_imports():
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0, res.stderr
-    assert "--pretrained" in res.stdout and "--top-k" in res.stdout
+    assert "--random-weights" in res.stdout and "--top-k" in res.stdout
 
 
 # --------------------------------------------------------------------------- sample images
