@@ -67,6 +67,12 @@ def patch_feature_mask(layout, channels: int, device: Any = None, block: int = 1
     return mask.expand(1, channels, -1, -1).contiguous()
 
 
+def default_internal_batch(n_examples: int) -> int:
+    """Captum's `internal_batch_size` when none is given: at least the examples Captum expands
+    the batch to, and at least 64 steps' worth per forward pass."""
+    return max(64, n_examples)
+
+
 class _GridProbe(nn.Module):
     """An identity module LayerGradCam hooks: the patch tokens as a [batch, d, rows, cols] map."""
 
@@ -95,7 +101,7 @@ def _run_captum(method: str, backend: Backend, images: Tensor, target: Target, l
     forward = backend.score_table(target)
     batch_size = opts.pop("internal_batch_size", None)  # Captum wants >= the examples it sees
     n_examples = images.shape[0] * (opts.get("nt_samples", 8) if method == "noise_tunnel" else 1)
-    batch_size = batch_size or max(64, n_examples)
+    batch_size = batch_size or default_internal_batch(n_examples)
     per_eval = opts.pop("perturbations_per_eval", 16)
     zeros = torch.zeros_like(images)
     delta = None

@@ -249,7 +249,32 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         multiplied in when it is not folded. TL's `logit_attrs` uses these.
         """
         self.readout.require_linear("tokens_to_residual_directions")
-        return self.readout.pooled_directions(self._class_ids(tokens))
+        ids = self._class_ids(tokens)
+        self._warn_unfolded_bias(ids)
+        return self.readout.pooled_directions(ids)
+
+    def readout_bias(self, tokens) -> Tensor:
+        """The constant of each class's logit in TL's decomposition: with
+        `(cache.logit_attrs(stack, tokens=c)).sum(0) + model.readout_bias(c)` equal to the logit.
+        It is `b_U[c]` when the final norm is folded (`fold_ln=True`, TransformerLens's
+        `from_pretrained` default), else `b_U[c] + ln_final.b @ W_U[:, c]`."""
+        self.readout.require_linear("readout_bias")
+        return self.readout.class_directions(self._class_ids(tokens), 1)[1]
+
+    def _warn_unfolded_bias(self, ids) -> None:
+        """Once per model: TL's habit `logit_attrs(...).sum(0) + b_U[c]` misses the final norm's
+        bias when it is not folded; say so (with its size) rather than let the sum come out short."""
+        if self.cfg.folds_final_norm or getattr(self, "_warned_unfolded_bias", False):
+            return
+        gap = (self.readout_bias(ids) - self.b_U[ids]).abs().max() if self.cfg.n_classes else 0.0
+        if float(gap) > 1e-6:
+            import warnings
+
+            self._warned_unfolded_bias = True
+            warnings.warn(f"fold_ln is off, so the final norm's bias is not in b_U: TL's logit_attrs(...).sum(0) "
+                          f"+ b_U[c] misses up to {float(gap):.3g} of the logit; add model.readout_bias(c) instead "
+                          "of b_U[c], or load with px.load(..., fold_ln=True) (TransformerLens's from_pretrained "
+                          "default), where b_U holds it", UserWarning, stacklevel=3)
 
     def token_readout(self, tokens, n_tokens: int | None = None) -> tuple[Tensor, Tensor]:
         """The logit of each class as a sum over tokens, for every linear readout.

@@ -97,7 +97,7 @@ def patching(ctx: Context, page: Page) -> None:
     page.images([(grid_with_lines(ctx.clean.pixels, ctx.layout.patch_size), f"clean: {ctx.clean.name}"),
                  (grid_with_lines(ctx.corrupted.pixels, ctx.layout.patch_size),
                   f"corrupted: {ctx.corrupted.name}")])
-    bars = progress_bars()
+    bars = progress_bars(ctx)
     positions, what = _positions(ctx)
     per_token = activation_patching(ctx.model, ctx.x, ctx.x_corrupted, metric, sites=("resid_pre",),
                                     positions=positions, layers=list(st.layers) if st.layers else None,
@@ -230,7 +230,7 @@ def captum(ctx: Context, page: Page) -> None:
 
     methods = _methods(ctx)
     result = compare_attributions(ctx.model, ctx.x, target=ctx.target, methods=methods, baseline=FAITHFULNESS_BASELINE,
-                                  n_steps=ctx.settings.curve_steps, progress=progress_bars(),
+                                  n_steps=ctx.settings.curve_steps, progress=progress_bars(ctx),
                                   batch_size=8 if ctx.x.device.type == "cpu" else 128)  # CPU: cache-sized chunks
     frame = result.to_dataframe()
     header = ["method", "from", "deletion AUC (lower is better)", "insertion AUC (higher is better)", "seconds"]

@@ -120,6 +120,10 @@ class Page:
     def figure(self, fig) -> None:
         """A plotly figure as a div; plotly.js itself is inlined once by `render`."""
         self.n_figures += 1
+        # the title sits below plotly's toolbar (top right, about 30 px), so the toolbar covers none of it
+        top = fig.layout.margin.t if fig.layout.margin.t is not None else 100
+        fig.update_layout(title_y=1, title_yref="container", title_yanchor="top", title_pad_t=34,
+                          margin_t=max(top, 80))
         div = fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,
                           div_id=f"figure-{self.n_figures}", config={"displaylogo": False})
         self.parts.append(f'<div class="plot" data-figure="{self.n_figures}">{div}</div>')

@@ -35,6 +35,7 @@ class Context:
     top_k: int = 5
     is_clip: bool = False
     settings: Any = None  # report.settings.Settings: how much each section runs
+    progress: bool = True  # progress bars on stderr (build_report turns them off when quiet)
     results: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -64,8 +65,9 @@ def patch_grid(values: Tensor, layout) -> np.ndarray:
     return values.detach().float().cpu().reshape(layout.grid).numpy()
 
 
-def progress_bars() -> bool:
-    return sys.stderr.isatty()
+def progress_bars(ctx: Context) -> bool:
+    """tqdm bars (rate, ETA) inside the long steps: on a terminal, unless the report is quiet."""
+    return ctx.progress and sys.stderr.isatty()
 
 
 # ------------------------------------------------------------------------------- prediction
@@ -95,21 +97,24 @@ def logit_lens(ctx: Context, page: Page) -> None:
     import plotly.graph_objects as go
 
     from ..analysis.lens import logit_lens as run_lens
+    from ..viz.figures import top_class_figure
 
     lens = run_lens(ctx.model, ctx.x)
-    fig = lens.plot(cls=ctx.target, title=f"logit lens: the logit of {ctx.name(ctx.target)!r} read from "
-                                          "every patch, layer by layer (text: each patch's top class)")
-    fig.update_layout(height=max(420, 260 * -(-len(lens.labels("layer")) // 6)))
-    page.figure(fig)
+    page.figure(lens.plot(cls=ctx.target, title=f"logit lens: the logit of {ctx.name(ctx.target)!r} read from "
+                                                 "every patch, layer by layer (hover: the patch's top class)"))
+    page.figure(top_class_figure(lens, title="logit lens: each patch's top class, layer by layer"))
     summary = lens.summary(target=ctx.target)
     pooled = lens.part("pooled").values[0].float().softmax(-1)[:, ctx.target].cpu().numpy()
     layers = [str(x) for x in lens.labels("layer")]
     curve = go.Figure()
-    curve.add_trace(go.Scatter(x=layers, y=pooled, mode="lines+markers", name="P(target) of the readout"))
-    curve.add_trace(go.Scatter(x=layers, y=summary["patch_top1"], mode="lines+markers",
-                               name="patches whose top class is the target"))
-    curve.update_layout(title=f"{ctx.name(ctx.target)!r} layer by layer", yaxis=dict(range=[0, 1.05]),
-                        xaxis_title="residual stream after", height=380)
+    curve.add_trace(go.Scatter(x=layers, y=pooled, mode="lines+markers", name="P(target) of the pooled readout"))
+    curve.add_trace(go.Scatter(x=layers, y=summary["patch_top1"], mode="lines+markers", yaxis="y2",
+                               name="fraction of patches whose top class is the target", line=dict(dash="dot")))
+    curve.update_layout(title=f"{ctx.name(ctx.target)!r} layer by layer", xaxis_title="residual stream after",
+                        yaxis=dict(title="probability of the target", range=[0, 1.05]),
+                        yaxis2=dict(title="fraction of patches", range=[0, 1.05], overlaying="y", side="right",
+                                    showgrid=False),
+                        legend=dict(orientation="h", y=-0.25), height=420)
     page.figure(curve)
     page.note("Each layer's residual stream is read through the final norm and the head: the pooled "
               "readout as the model itself pools it, and each patch as if it were the pooled token.")
@@ -155,7 +160,8 @@ def logit_attribution(ctx: Context, page: Page) -> None:
     bars.update_layout(title=f"direct logit attribution of {ctx.name(ctx.target)!r} by layer "
                              "(blue: attention, orange: MLP)", height=400, yaxis_title="logit")
     page.figure(bars)
-    heads = dla.part("head").plot(title="by head (rows: layers, columns: heads)")
+    heads = dla.part("head").plot(title=f"direct logit attribution of {ctx.name(ctx.target)!r} by head")
+    heads.update_layout(coloraxis_colorbar_title="logit")
     heads.update_layout(height=max(300, 60 + 40 * ctx.cfg.n_layers))
     page.figure(heads)
     score = float(dla.meta["score"][0])
@@ -195,7 +201,7 @@ def attention_heads(ctx: Context, page: Page) -> None:
     patterns = head_patterns(ctx.model, ctx.x, mean=False)
     readout = readout_attention(ctx.model, ctx.x, patterns=patterns.mean_over("batch"))
     stats = head_statistics(patterns).to_dataframe()
-    page.figure(head_gallery(readout, stats=stats))
+    page.figure(head_gallery(readout, stats=stats, image=ctx.clean.pixels))
     page.figure(head_type_figure(stats))
     counts = stats["type"].value_counts()
     page.note("Head types (rules of thumb, see prisma_ext.analysis.heads): "

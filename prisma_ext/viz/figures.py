@@ -7,6 +7,23 @@ import numpy as np
 MAX_PANELS = 24
 
 
+def square_cells(fig) -> None:
+    """Every subplot's y axis scaled to its x axis, so a patch grid keeps its aspect ratio."""
+    for key in list(fig.layout):
+        if key.startswith("yaxis"):
+            fig.layout[key].scaleanchor = "x" + key[len("yaxis"):]
+            fig.layout[key].constrain = "domain"
+    for key in list(fig.layout):
+        if key.startswith("xaxis"):
+            fig.layout[key].constrain = "domain"
+
+
+def balanced_columns(n: int, most: int = 6) -> int:
+    """Columns for `n` panels in rows of at most `most`, the rows as even as can be (5 -> 5, 7 -> 4)."""
+    rows = -(-n // most)
+    return -(-n // rows)
+
+
 def _fix_axes(result, keep: set[str], index: dict[str, int]):
     """Select `index` (default 0) on every axis that is not kept."""
     chosen = {d: index.get(d, 0) for d in result.dims if d not in keep}
@@ -39,7 +56,7 @@ def result_figure(result, facet: str | None = None, title: str | None = None, **
         if facet:
             labels = sub.labels(facet)[:MAX_PANELS]
             grid = grid[:MAX_PANELS] if grid.ndim == 3 else grid[None]
-            fig = px.imshow(grid, facet_col=0, facet_col_wrap=min(6, len(labels)),
+            fig = px.imshow(grid, facet_col=0, facet_col_wrap=balanced_columns(len(labels)),
                             color_continuous_scale="RdBu_r", color_continuous_midpoint=0.0, title=title)
             for ann, label in zip(fig.layout.annotations, labels):
                 ann.text = f"{facet} {label}"
@@ -47,18 +64,28 @@ def result_figure(result, facet: str | None = None, title: str | None = None, **
             fig = px.imshow(grid, color_continuous_scale="RdBu_r", color_continuous_midpoint=0.0, title=title)
         fig.update_xaxes(showticklabels=False)
         fig.update_yaxes(showticklabels=False)
+        fig.update_layout(coloraxis_colorbar_title=value_name(result))
         return fig
     free = [d for d in result.dims if d not in index and d != "batch"][:2]
     title += _defaulted(result, set(free), index)
     sub = _fix_axes(result, set(free), index)
     values = sub.values.detach().float().cpu().numpy()
     if values.ndim == 1:
-        return go.Figure(go.Bar(x=[str(x) for x in sub.labels(free[0])], y=values), layout=dict(title=title))
+        return go.Figure(go.Bar(x=[str(x) for x in sub.labels(free[0])], y=values),
+                         layout=dict(title=title, xaxis_title=free[0], yaxis_title=value_name(result)))
     if values.ndim == 0:
-        return go.Figure(go.Bar(x=[result.method], y=[float(values)]), layout=dict(title=title))
-    return px.imshow(np.asarray(values), x=[str(x) for x in sub.labels(free[1])],
-                     y=[str(y) for y in sub.labels(free[0])], color_continuous_scale="RdBu_r",
-                     color_continuous_midpoint=0.0, title=title, aspect="auto")
+        return go.Figure(go.Bar(x=[result.method], y=[float(values)]),
+                         layout=dict(title=title, yaxis_title=value_name(result)))
+    fig = px.imshow(np.asarray(values), x=[str(x) for x in sub.labels(free[1])],
+                    y=[str(y) for y in sub.labels(free[0])], color_continuous_scale="RdBu_r",
+                    color_continuous_midpoint=0.0, title=title, aspect="auto",
+                    labels=dict(x=free[1], y=free[0], color=value_name(result)))
+    return fig
+
+
+def value_name(result) -> str:
+    """What a result's values are, for a colour bar or an axis: meta["unit"], else "value"."""
+    return str(result.meta.get("unit") or "value")
 
 
 def lens_figure(result, facet: str = "layer", title: str | None = None, batch: int = 0, cls: int | None = None,
@@ -85,21 +112,65 @@ def lens_figure(result, facet: str = "layer", title: str | None = None, batch: i
         panels = [f"image {i}" for i in range(grids.shape[0])][:MAX_PANELS]
         default_title = f"logit lens: {names[cls]} at layer {result.labels('layer')[layer % n_layers]}"
     grids = grids[:len(panels)]
-    n_cols = min(6, len(panels))
+    n_cols = balanced_columns(len(panels))
     n_rows = -(-len(panels) // n_cols)
-    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=panels)
+    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=panels, horizontal_spacing=0.03)
     values = grids[:, cls].detach().float().cpu().numpy()
     top = grids.argmax(1).cpu().numpy()  # [panel, rows, cols]
     lo, hi = float(values.min()), float(values.max())
     for i in range(len(panels)):
         text = [[names[j] for j in row] for row in top[i]]
-        fig.add_trace(go.Heatmap(z=values[i], text=text, texttemplate="%{text}", zmin=lo, zmax=hi,
-                                 colorscale="RdBu_r", showscale=i == 0,
-                                 hovertemplate="logit %{z:.3f}<br>top %{text}<extra></extra>"),
+        fig.add_trace(go.Heatmap(z=values[i], text=text, zmin=lo, zmax=hi, colorscale="RdBu_r",
+                                 showscale=i == 0, colorbar=dict(title=f"logit of {names[cls]}", len=0.8),
+                                 hovertemplate="row %{y} col %{x}<br>logit %{z:.3f}<br>top class %{text}"
+                                               "<extra></extra>"),
                       row=i // n_cols + 1, col=i % n_cols + 1)
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False, autorange="reversed")
-    fig.update_layout(title=title or default_title)
+    square_cells(fig)
+    fig.update_layout(title=title or default_title, height=140 + 240 * n_rows)
+    return fig
+
+
+def top_class_figure(result, batch: int = 0, title: str | None = None, max_classes: int = 10):
+    """Logit lens: each patch's top class, layer by layer, one colour per class with a legend
+    (the `max_classes` most frequent classes by name, the rest as "other")."""
+    import plotly.colors
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = [str(x) for x in result.labels("class")]
+    top = result.select(batch=batch).grid().argmax(1).cpu().numpy()[:MAX_PANELS]  # [layer, rows, cols]
+    panels = [f"layer {x}" for x in result.labels("layer")][:len(top)]
+    ids, counts = np.unique(top, return_counts=True)
+    shown = [int(i) for i in ids[np.argsort(-counts, kind="stable")][:max_classes]]
+    code = np.full(top.shape, len(shown), dtype=float)  # len(shown) = "other"
+    for k, cls in enumerate(shown):
+        code[top == cls] = k
+    palette = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.Set3
+    colours = [palette[k % len(palette)] for k in range(len(shown))] + ["#d9d9d9"]
+    n = len(colours)
+    scale = []
+    for k, colour in enumerate(colours):  # a step colour scale: code k -> colour k
+        scale += [[k / n, colour], [(k + 1) / n, colour]]
+    labels = [names[c] for c in shown] + ["other"]
+    n_cols = balanced_columns(len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=panels, horizontal_spacing=0.03)
+    for i in range(len(panels)):
+        text = [[labels[int(v)] if int(v) < len(shown) else names[int(t)] for v, t in zip(cr, tr)]
+                for cr, tr in zip(code[i], top[i])]
+        fig.add_trace(go.Heatmap(z=code[i] + 0.5, text=text, zmin=0, zmax=n, colorscale=scale, showscale=False,
+                                 hovertemplate="row %{y} col %{x}<br>top class %{text}<extra></extra>"),
+                      row=i // n_cols + 1, col=i % n_cols + 1)
+    for label, colour in zip(labels[:-1] if len(shown) == len(ids) else labels, colours):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=label,
+                                 marker=dict(size=12, symbol="square", color=colour)))
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed")
+    square_cells(fig)
+    fig.update_layout(title=title or "logit lens: each patch's top class", height=max(140 + 240 * n_rows, 120 + 22 * n),
+                      legend=dict(title="top class"), plot_bgcolor="white")
     return fig
 
 

@@ -57,7 +57,7 @@ def paste_patches(clean: np.ndarray, corrupted: np.ndarray, patches: list[int], 
 
 
 def overlay_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], patch: tuple[int, int],
-                   title: str, cols: int = 4, opacity: float = 0.6):
+                   title: str, cols: int | None = None, opacity: float = 0.6):
     """Each map [rows, cols] as a translucent heatmap over the image (HxWx3 uint8), one panel
     each. Maps are scaled to [-1, 1] by their largest absolute value, so panels compare by
     shape, not by units; hover shows the raw value."""
@@ -67,7 +67,9 @@ def overlay_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], patch: tup
     big, k = upscale(image)
     source = f"data:image/png;base64,{png_base64(big)}"
     names = list(maps)
-    n_cols = min(cols, len(names))
+    from .figures import balanced_columns, square_cells
+
+    n_cols = min(cols, len(names)) if cols else balanced_columns(len(names))
     n_rows = -(-len(names) // n_cols)
     fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=names,
                         horizontal_spacing=0.02, vertical_spacing=0.08)
@@ -79,11 +81,13 @@ def overlay_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], patch: tup
         fig.add_trace(go.Image(source=source, hoverinfo="skip"), row=row, col=col)
         fig.add_trace(go.Heatmap(z=raw / scale, customdata=raw, x0=pw / 2, dx=pw, y0=ph / 2, dy=ph,
                                  zmin=-1, zmax=1, colorscale="RdBu_r", opacity=opacity, showscale=i == 0,
-                                 colorbar=dict(title="relative", len=0.6),
+                                 colorbar=dict(title="value / panel's<br>max |value|", len=0.6),
                                  hovertemplate="value %{customdata:.4g}<extra>" + name + "</extra>"),
                       row=row, col=col)
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
     fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False)
-    fig.update_layout(title=title, height=80 + 260 * n_rows, width=max(420, 260 * n_cols + 80),
+    square_cells(fig)
+    side = 260 if n_cols <= 4 else 200
+    fig.update_layout(title=title, height=80 + side * n_rows, width=max(420, side * n_cols + 120),
                       margin=dict(l=10, r=10, t=70, b=10))
     return fig

@@ -137,6 +137,7 @@ def test_zero_shot_direct_logit_attribution_sums_to_the_logit(source, fold_ln):
     bias = clip.visual.b_U[target] + (ln_b @ clip.visual.W_U[:, target] if ln_b is not None else 0)
     rows = torch.arange(4)
     torch.testing.assert_close(attrs.sum(0) + bias, logits[rows, target], atol=ATOL, rtol=0)
+    torch.testing.assert_close(clip.visual.readout_bias(target), bias, atol=ATOL, rtol=0)
     assert ref.shape == (4, 3)
     assert clip.visual.to_single_token("dog") == 1
 

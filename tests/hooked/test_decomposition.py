@@ -3,6 +3,8 @@
 ViT-Prisma crashes here on any CLS model; these tests are the guard against that failure.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -32,6 +34,28 @@ def test_tl_logit_attrs_on_cls_token_sum_to_logits(fold_ln):
     w, b = model._final_affine()
     bias = model.b_U[classes] + (b @ model.W_U[:, classes] if b is not None else 0)
     torch.testing.assert_close(attrs.sum(0) + bias, logits[torch.arange(3), classes], atol=ATOL, rtol=0)
+    torch.testing.assert_close(model.readout_bias(classes), bias, atol=ATOL, rtol=0)
+
+
+def test_the_tl_habit_is_exact_folded_and_warns_unfolded():
+    """`logit_attrs(...).sum(0) + b_U[c]` as a TL user writes it: exact with fold_ln=True; with
+    fold_ln off the final norm's bias is missing, which a warning says (naming readout_bias, which
+    closes the gap) instead of a silently short sum."""
+    folded, logits, cache = _setup("plain", fold_ln=True)
+    classes, rows = logits.argmax(-1), torch.arange(3)
+    attrs = cache.logit_attrs(cache.decompose_resid(pos_slice=0), tokens=classes, pos_slice=0)
+    torch.testing.assert_close(attrs.sum(0) + folded.b_U[classes], logits[rows, classes], atol=ATOL, rtol=0)
+
+    model, logits, cache = _setup("plain")
+    stack = cache.decompose_resid(pos_slice=0)
+    with pytest.warns(UserWarning, match="readout_bias"):
+        attrs = cache.logit_attrs(stack, tokens=classes, pos_slice=0)
+    short = attrs.sum(0) + model.b_U[classes]
+    assert (short - logits[rows, classes]).abs().max() > 10 * ATOL  # the gap the warning is about is real
+    torch.testing.assert_close(attrs.sum(0) + model.readout_bias(classes), logits[rows, classes], atol=ATOL, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache.logit_attrs(stack, tokens=classes, pos_slice=0)  # said once per model
 
 
 def test_tl_full_resid_decomposition_and_head_results():
