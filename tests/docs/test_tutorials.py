@@ -1,9 +1,8 @@
-"""The tutorials in docs/tutorials run, as scripts, on the built-in models; the Python snippets
-of the guides that promise to run as written do."""
+"""The tutorials in docs/tutorials run, as scripts, on the built-in models. (The python blocks
+of README.md and docs/*.md are run by test_doc_snippets.py.)"""
 
 from __future__ import annotations
 
-import re
 import runpy
 from pathlib import Path
 
@@ -30,16 +29,3 @@ def test_tutorial_runs(path, tmp_path, monkeypatch, capsys):
     assert out.strip(), "a tutorial should print what it finds"
     assert list(tmp_path.iterdir()) == []  # it writes nothing
 
-
-def _python_blocks(name: str) -> str:
-    text = (DOCS / name if name != "README.md" else DOCS.parent / name).read_text()
-    return "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
-
-
-@pytest.mark.parametrize("name", ["README.md", "workflows.md", "captum.md", "quickstart.md"])
-def test_guide_snippets_run(name, tmp_path, monkeypatch):
-    """These guides say their snippets run as written (offline, random or built-in weights)."""
-    monkeypatch.chdir(tmp_path)
-    script = tmp_path / f"{name}.py"  # nnsight traces need their source in a file
-    script.write_text(_python_blocks(name))
-    runpy.run_path(str(script), run_name="__main__")
