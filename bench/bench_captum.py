@@ -1,6 +1,6 @@
 """What prisma-ext's Captum wrapper costs over Captum called directly on the same hooked model.
 
-    .venv/bin/python bench/bench_captum.py [--model vit_small_patch16_224] [--images 32] [--steps 50] [--rounds 3]
+    .venv/bin/python bench/bench_captum.py [--model vit_tiny_patch16_224] [--images 8] [--steps 50] [--rounds 3]
 
 IntegratedGradients (zero baseline, `--steps` steps) on `--images` images of a random-weight
 timm ViT converted to a HookedViT: `px.captum_attribution(model, images, target,
@@ -27,8 +27,8 @@ TARGET = 1.10
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--model", default="vit_tiny_patch16_224")
+    parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)

@@ -264,6 +264,11 @@ def build_report(model: Any = DEFAULT_MODEL, image: str | None = None, target: s
     ctx = prepare(model, image, target, corrupted, pretrained, top_k, thorough)
     ctx.progress = log is not None
     say(f"{ctx.source} on {ctx.clean.name}, target {ctx.name(ctx.target)!r}, corrupted {ctx.corrupted.name}")
+    from .sections import out_of_distribution
+
+    if out_of_distribution(ctx):
+        say(f"warning: {ctx.clean.name} is not like {ctx.source}'s training scenes (out of distribution; the "
+            "report says so at the top)")
     seconds = {"loading": time.perf_counter() - start}
     page = Page(f"prisma-ext report: {ctx.source}")
     _intro(page, ctx)

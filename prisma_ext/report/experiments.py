@@ -141,7 +141,8 @@ def _component_heatmap(ctx: Context, resid, components):
     fig = go.Figure(go.Heatmap(z=np.stack(rows), x=layers, y=labels, colorscale="RdBu_r", zmid=0,
                                colorbar=dict(title="metric"), hovertemplate="%{y} %{x}: %{z:.3f}<extra></extra>"))
     fig.update_layout(title="activation patching: prefix tokens and whole layer outputs",
-                      height=140 + 40 * len(rows), yaxis=dict(autorange="reversed"), xaxis_title="layer")
+                      height=160 + 40 * len(rows), yaxis=dict(autorange="reversed", title="what is patched"),
+                      xaxis_title="layer")
     return fig
 
 

@@ -86,7 +86,24 @@ def prediction(ctx: Context, page: Page) -> None:
                   f"{ctx.clean.name}: the model's input ({ctx.layout.grid[0]}x{ctx.layout.grid[1]} patches)")])
     page.table(rows, ["rank", "class", "index", "probability", f"{head}logit"], best=top.index(ctx.target))
     how = "given with --target" if ctx.target_given else "the model's top class"
+    warning = out_of_distribution(ctx)
+    if warning:
+        page.note(warning, css="skipped")
     page.note(f"Every section below explains the target class {ctx.name(ctx.target)!r} ({how}).")
+
+
+def out_of_distribution(ctx: Context) -> str:
+    """A warning when the image is plainly not what the model was trained on: a built-in model
+    (trained on `prisma_ext.data` scenes) shown anything but a scene. "" otherwise (for other
+    models the report cannot know their training data)."""
+    if not ctx.source.startswith("builtin:") or ctx.clean.scene is not None:
+        return ""
+    top = int(ctx.probs.argmax())
+    return (f"Out of distribution: {ctx.source} was trained only on procedural scenes (one shape or digit on a "
+            f"plain canvas, prisma_ext.data.make_scenes); {ctx.clean.name} is not one. Its answer "
+            f"({ctx.name(top)!r}, {float(ctx.probs[top]):.0%}) and every explanation below describe the model "
+            "outside its training data, not what the image shows. Use a scene (--image builtin:red-circle) or a "
+            "model trained on photos.")
 
 
 # ------------------------------------------------------------------------------- logit lens
@@ -197,11 +214,17 @@ def attention_heads(ctx: Context, page: Page) -> None:
     """The readout query's attention per head, head statistics and rough types."""
     from ..analysis.heads import head_patterns, head_statistics, readout_attention
     from ..viz.heads import head_gallery, head_type_figure
+    from .attention_view import CSS as VIEW_CSS
+    from .attention_view import attention_view
 
     patterns = head_patterns(ctx.model, ctx.x, mean=False)
     readout = readout_attention(ctx.model, ctx.x, patterns=patterns.mean_over("batch"))
     stats = head_statistics(patterns).to_dataframe()
     page.figure(head_gallery(readout, stats=stats, image=ctx.clean.pixels))
+    page.note("Explore: pick a layer and a head (or their mean), then click a patch, or a prefix token or "
+              "the readout, to see where that query attends over the image.")
+    page.raw(f"<style>{VIEW_CSS}</style>" + attention_view(patterns.values[0].numpy(), readout.values.float().numpy(),
+                                                         ctx.clean.pixels, ctx.layout))
     page.figure(head_type_figure(stats))
     counts = stats["type"].value_counts()
     page.note("Head types (rules of thumb, see prisma_ext.analysis.heads): "

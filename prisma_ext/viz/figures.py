@@ -194,5 +194,8 @@ def comparison_figure(result, facet: str = "column", title: str | None = None):
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels)
     for j in range(len(panels)):
         fig.add_trace(go.Bar(x=[str(b) for b in bars], y=values[:, j], showlegend=False), row=1, col=j + 1)
+        unit = "seconds" if "second" in str(columns[j] if facet == "column" else "") else \
+            "AUC" if facet == "column" else "value"
+        fig.update_yaxes(title_text=unit, row=1, col=j + 1)
     fig.update_layout(title=title or "attribution methods compared")
     return fig

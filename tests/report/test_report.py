@@ -3,6 +3,7 @@ headless Chromium without a JavaScript error; bad input is one error line and le
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -74,6 +75,92 @@ def test_report_renders_in_headless_chromium(bare_report, tmp_path):
     assert len(re.findall(r'<svg[^>]*class="main-svg"', dom)) >= n
     console = [line for line in run.stderr.splitlines() if "CONSOLE" in line]
     assert not console, "JavaScript console messages:\n" + "\n".join(console)
+    _check_attention_view(page.read_text(encoding="utf-8"), dom)
+
+
+def _check_attention_view(html: str, dom: str) -> None:
+    """The interactive attention view decoded its data in the browser and drew the default
+    selection: the key it reports as the largest equals the one Python decodes from the same
+    data (a transposed or mis-strided index in the page's script fails this)."""
+    from prisma_ext.report.attention_view import decode_rows
+
+    view = re.search(r'<div class="attention-view"[^>]*data-ready="1"[^>]*>', dom)
+    assert view, "the attention view did not finish drawing"
+    shown = re.search(r'data-shown="(-?\d+),(-?\d+),(-?\d+)"', view.group(0))
+    argmax = int(re.search(r'data-argmax="(\d+)"', view.group(0)).group(1))
+    spec = json.loads(re.search(r'<script type="application/json" class="attention-data">(.*?)</script>', html,
+                                flags=re.S).group(1))
+    rows = decode_rows(spec["data"], spec["maxima"], (spec["layers"], spec["heads"], spec["tokens"] + 1,
+                                                      spec["tokens"]))
+    layer, head, query = (int(g) for g in shown.groups())
+    row = rows[layer, :, query].mean(0) if head < 0 else rows[layer, head, query]
+    assert argmax == int(row.argmax()), (argmax, int(row.argmax()))
+
+
+def plotly_figures(html: str) -> list[tuple[str, list, dict]]:
+    """(div id, data, layout) of every `Plotly.newPlot` call in a page."""
+    decoder, found = json.JSONDecoder(), []
+    for call in re.finditer(r"Plotly\.newPlot\(\s*", html):
+        div, i = decoder.raw_decode(html, call.end())
+        parts = []
+        for _ in range(2):
+            i = re.compile(r"\s*,\s*").match(html, i).end()
+            obj, i = decoder.raw_decode(html, i)
+            parts.append(obj)
+        found.append((div, *parts))
+    return found
+
+
+def _text(title) -> str:
+    return ((title.get("text") if isinstance(title, dict) else title) or "").strip()
+
+
+def figure_problems(data: list, layout: dict) -> list[str]:
+    """What a reader would miss: a figure title, a colour bar's title, an axis title where the
+    axis shows tick labels (a heatmap's, a bar chart's value axis, a line chart's both)."""
+    problems = [] if _text(layout.get("title")) else ["no title"]
+    axes = set()
+    for trace in data:
+        kind = trace.get("type", "scatter")
+        if kind == "heatmap":
+            if trace.get("coloraxis"):
+                if not _text(layout.get(trace["coloraxis"], {}).get("colorbar", {}).get("title")):
+                    problems.append("a colour bar without a title")
+            elif trace.get("showscale", True) is not False and not _text(trace.get("colorbar", {}).get("title")):
+                problems.append("a colour bar without a title")
+        if kind == "heatmap" or (kind in ("bar", "scatter") and trace.get("x") not in (None, [None])):
+            axes.add("yaxis" + trace.get("yaxis", "y")[1:])
+            if kind != "bar":
+                axes.add("xaxis" + trace.get("xaxis", "x")[1:])
+    for axis in sorted(axes):
+        spec = layout.get(axis, {})
+        if spec.get("showticklabels") is not False and not _text(spec.get("title")):
+            problems.append(f"{axis} shows ticks without a title")
+    return problems
+
+
+def test_every_figure_has_a_title_titled_colour_bars_and_titled_axes(bare_report):
+    folder, res = bare_report
+    assert res.returncode == 0, res.stderr
+    figures = plotly_figures((folder / "report.html").read_text(encoding="utf-8"))
+    assert len(figures) >= 10
+    bad = {div: p for div, data, layout in figures if (p := figure_problems(data, layout))}
+    assert not bad, bad
+
+
+def test_the_figure_check_catches_a_missing_colour_bar_title():
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Heatmap(z=[[0, 1], [1, 0]]), layout=dict(title="t", xaxis_title="x", yaxis_title="y"))
+    assert figure_problems(*_data_layout(fig)) == ["a colour bar without a title"]
+    fig.update_traces(colorbar_title="logit")
+    fig.update_layout(yaxis_title=None)
+    assert figure_problems(*_data_layout(fig)) == ["yaxis shows ticks without a title"]
+
+
+def _data_layout(fig) -> tuple[list, dict]:
+    spec = json.loads(fig.to_json())
+    return spec["data"], spec["layout"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -171,3 +258,14 @@ def test_the_default_output_never_replaces_a_file_nobody_named(tmp_path, monkeyp
     assert cli.main(["report"]) == 0 and seen[-1] is None  # the default: build_report picks the free name
     assert cli.main(["report", "--out", "report.html"]) == 0 and seen[-1] == "report.html"
     assert (tmp_path / "report.html").read_text() == "mine"
+
+
+def test_a_photo_shown_to_a_built_in_model_is_called_out_of_distribution():
+    from prisma_ext.report.build import prepare
+    from prisma_ext.report.sections import out_of_distribution
+
+    photo = prepare("builtin:shapes-vit", image="builtin:chelsea")
+    warning = out_of_distribution(photo)
+    assert warning.startswith("Out of distribution") and "builtin:chelsea" in warning
+    assert photo.name(int(photo.probs.argmax())) in warning  # it names the answer it warns about
+    assert out_of_distribution(prepare("builtin:shapes-vit", image="builtin:red-circle")) == ""
