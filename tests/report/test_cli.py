@@ -258,3 +258,100 @@ def test_deep_and_paletted_images_keep_their_values(tmp_path, mode, top):
     assert img.shape == (7, 9, 3) and img.dtype == np.uint8
     np.testing.assert_allclose(img[..., 0].astype(float), np.round(ramp / top * 255), atol=1)
     assert img.min() == 0 and img.max() == 255  # a ramp, not a white page
+
+
+# --------------------------------------------------------------------------- behaviour issue 15 asked for
+
+
+def test_inspect_and_report_print_the_same_prediction(capsys):
+    """The same defaults (the built-in model, pretrained, a scene of its classes) and the same
+    numbers: inspect's top line is report's top class with its probability."""
+    from prisma_ext.report.build import prepare
+
+    assert cli.main(["inspect", "--top-k", "1", "--image", "builtin:blue-triangle"]) == 0
+    out = capsys.readouterr().out
+    top = [line for line in out.splitlines() if TOP_K_LINE.match(line)]
+    ctx = prepare(image="builtin:blue-triangle")
+    best = int(ctx.probs.argmax())
+    assert "(pretrained weights)" in out and "builtin:blue-triangle" in out
+    assert top == [f"  1. {float(ctx.probs[best]):7.2%}  {ctx.name(best)} (class {best})"]
+
+
+def test_an_unwritable_out_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
+    import prisma_ext.report.build as build
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    monkeypatch.setattr(build, "prepare", lambda *a, **k: pytest.fail("the run started"))
+    real = build.tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):  # a read-only file system, which root's os.access cannot see
+        if dir is not None and str(dir) == str(folder):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(build.tempfile, "mkstemp", refuse)
+    rc = cli.main(["report", "--out", str(folder / "r.html")])
+    _assert_one_error_line(capsys, rc, "is not writable", "Permission denied")
+    assert list(folder.iterdir()) == []
+
+
+def test_ctrl_c_exits_130_quietly_and_leaves_no_file(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "prisma_ext.cli", "report"], cwd=tmp_path, text=True,
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    seen = ""
+    deadline = time.monotonic() + 300
+    while "[1/7]" not in seen and time.monotonic() < deadline:  # interrupt mid-run
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+    assert "[1/7]" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []  # no report, no temporary file
+
+
+def test_an_unreachable_hub_fails_in_one_line_at_once(capsys, monkeypatch):
+    """No network: the probe says so and the download runs in huggingface_hub's offline mode, so
+    the error comes in seconds, not after minutes of retries; the offline flag is restored."""
+    import time
+
+    from huggingface_hub import constants
+
+    from prisma_ext.sources import hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=hub.PROBE_TIMEOUT_S: False)
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-prisma-ext-cache")
+    before = constants.HF_HUB_OFFLINE
+    start = time.perf_counter()
+    rc = cli.main(["inspect", "--model", "timm:vit_tiny_patch16_224"])
+    line = _assert_one_error_line(capsys, rc, "cannot be reached", "--random-weights")
+    assert time.perf_counter() - start < 30, line
+    assert constants.HF_HUB_OFFLINE == before
+
+
+def test_the_hub_probe_tells_a_closed_port_from_an_open_one(monkeypatch):
+    import socket
+
+    from prisma_ext.sources import hub
+
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(hub, "_reachable", {})
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert hub.hub_reachable()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: the connection is refused
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert not hub.hub_reachable()
