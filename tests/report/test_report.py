@@ -76,6 +76,25 @@ def test_report_renders_in_headless_chromium(bare_report, tmp_path):
     console = [line for line in run.stderr.splitlines() if "CONSOLE" in line]
     assert not console, "JavaScript console messages:\n" + "\n".join(console)
     _check_attention_view(page.read_text(encoding="utf-8"), dom)
+    _check_screenshot(chromium, page, tmp_path)
+
+
+def _check_screenshot(chromium: str, page: Path, tmp_path: Path) -> None:
+    """A screenshot of the rendered page shows drawn figures, not a blank page."""
+    import numpy as np
+    from PIL import Image
+
+    shot = tmp_path / "report.png"
+    flags = [f for f in CHROMIUM_FLAGS if f != "--dump-dom"]
+    run = subprocess.run([chromium, *flags, "--hide-scrollbars", "--window-size=1400,6000", f"--screenshot={shot}",
+                          f"--user-data-dir={tmp_path / 'profile-shot'}", page.as_uri()],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (6000, 1400)
+    inked = (pixels < 235).any(-1).mean()
+    colours = len(np.unique(pixels.reshape(-1, 3)[::7], axis=0))
+    assert inked > 0.15 and colours > 500, (inked, colours)
 
 
 def _check_attention_view(html: str, dom: str) -> None:
