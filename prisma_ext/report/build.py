@@ -187,6 +187,7 @@ def prepare(model: Any = DEFAULT_MODEL, image: str | None = None, target: str | 
         raise InputError(f"--top-k must be at least 1, got {top_k}")
     check_spec(image)
     check_spec(corrupted, "--corrupted", extra=("auto", "blur"))
+    model_source = model
     model, source = load_model(model, pretrained)
     cfg = Backend.of(model).cfg
     scene = scene_options(source)
@@ -204,7 +205,9 @@ def prepare(model: Any = DEFAULT_MODEL, image: str | None = None, target: str | 
     foil = bad_top if bad_top != target_index else candidates[0]
     return Context(model=model, source=source, clean=clean, corrupted=bad, x=x, x_corrupted=x_bad,
                    logits=logits, probs=probs, target=target_index, foil=foil, target_given=given,
-                   top_k=top_k, is_clip=is_clip(model), settings=settings_for(cfg, thorough))
+                   top_k=top_k, is_clip=is_clip(model), settings=settings_for(cfg, thorough),
+                   random_weights=not pretrained and isinstance(model_source, str)
+                   and not model_source.startswith("builtin:"))
 
 
 # ------------------------------------------------------------------------------- the report
@@ -214,7 +217,7 @@ def _intro(page, ctx) -> None:
     from .. import __version__
 
     first = ctx.model.summary().splitlines()[0]
-    page.intro(f"model {ctx.source}: {first}")
+    page.intro(f"model {ctx.source}{' (random weights)' if ctx.random_weights else ''}: {first}")
     page.intro(f"image {ctx.clean.name}; target {ctx.name(ctx.target)!r} (class {ctx.target}); "
                f"corrupted image {ctx.corrupted.name}")
     page.intro(ctx.settings.describe())

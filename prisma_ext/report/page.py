@@ -111,11 +111,13 @@ class Page:
     def table(self, rows: Sequence[Sequence[Any]], header: Sequence[str], best: int | None = None) -> None:
         self.parts.append(self.table_html(rows, header, best))
 
-    def dataframe(self, frame, digits: int = 4) -> None:
-        """A pandas DataFrame as a table (index dropped)."""
+    def dataframe(self, frame, digits: int = 4, collapse: str | None = None) -> None:
+        """A pandas DataFrame as a table (index dropped); `collapse`: shown folded, under that summary."""
         rows = [[round(v, digits) if isinstance(v, float) else v for v in row]
                 for row in frame.itertuples(index=False)]
-        self.table(rows, [str(c) for c in frame.columns])
+        table = self.table_html(rows, [str(c) for c in frame.columns])
+        self.parts.append(f"<details><summary>{html.escape(collapse)}</summary>{table}</details>" if collapse
+                          else table)
 
     def figure(self, fig) -> None:
         """A plotly figure as a div; plotly.js itself is inlined once by `render`."""

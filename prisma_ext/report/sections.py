@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..viz.heads import evenly_spaced
 from ..viz.overlay import grid_with_lines, overlay_figure
 from .inputs import ImageInput
 from .page import Page
@@ -36,6 +37,7 @@ class Context:
     is_clip: bool = False
     settings: Any = None  # report.settings.Settings: how much each section runs
     progress: bool = True  # progress bars on stderr (build_report turns them off when quiet)
+    random_weights: bool = False  # a named source loaded with random weights (pretrained=False)
     results: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -89,6 +91,9 @@ def prediction(ctx: Context, page: Page) -> None:
     warning = out_of_distribution(ctx)
     if warning:
         page.note(warning, css="skipped")
+    if ctx.random_weights:
+        page.note("Random weights (--random-weights): this model was never trained, so its answer and every "
+                  "explanation below show the methods at work on noise, not what a trained model does.", css="skipped")
     page.note(f"Every section below explains the target class {ctx.name(ctx.target)!r} ({how}).")
 
 
@@ -128,7 +133,7 @@ def logit_lens(ctx: Context, page: Page) -> None:
     curve.add_trace(go.Scatter(x=layers, y=summary["patch_top1"], mode="lines+markers", yaxis="y2",
                                name="fraction of patches whose top class is the target", line=dict(dash="dot")))
     curve.update_layout(title=f"{ctx.name(ctx.target)!r} layer by layer", xaxis_title="residual stream after",
-                        yaxis=dict(title="probability of the target", range=[0, 1.05]),
+                        yaxis=dict(title="probability of the target", range=[0, 1.05 * max(float(pooled.max()), 1e-3)]),
                         yaxis2=dict(title="fraction of patches", range=[0, 1.05], overlaying="y", side="right",
                                     showgrid=False),
                         legend=dict(orientation="h", y=-0.25), height=420)
@@ -196,7 +201,7 @@ def cls_attribution(ctx: Context, page: Page) -> None:
     lay = ctx.layout
     patches = source[..., lay.n_prefix:lay.n_prefix + lay.n_patches]
     maps = {"all layers and heads": patch_grid(patches.sum((0, 1)), lay)}
-    for i in range(min(source.shape[0], 11)):
+    for i in evenly_spaced(source.shape[0], 17):  # every layer of a ViT-B or ViT-L/24's evenly spaced 17
         maps[f"layer {i}"] = patch_grid(patches[i].sum(0), lay)
     page.figure(overlay_figure(ctx.clean.pixels, maps, lay.patch_size,
                                f"CLS attribution of {ctx.name(ctx.target)!r}: what the heads moved from each "
@@ -229,4 +234,4 @@ def attention_heads(ctx: Context, page: Page) -> None:
     counts = stats["type"].value_counts()
     page.note("Head types (rules of thumb, see prisma_ext.analysis.heads): "
               + ", ".join(f"{n} {t}" for t, n in counts.items()) + ".")
-    page.dataframe(stats, digits=3)
+    page.dataframe(stats, digits=3, collapse=f"the statistics of all {len(stats)} heads" if len(stats) > 24 else None)

@@ -36,7 +36,7 @@ def head_gallery(readout, layout=None, stats=None, max_layers: int = 12, max_hea
     if stats is not None and hasattr(stats, "to_dataframe") and not hasattr(stats, "itertuples"):
         stats = stats.to_dataframe()
     n_layers, n_heads = readout.shape[:2]
-    layers = _spaced(n_layers, max_layers)
+    layers = evenly_spaced(n_layers, max_layers)
     heads = list(range(min(n_heads, max_heads)))
     kinds = {}
     if stats is not None:
@@ -67,7 +67,7 @@ def head_gallery(readout, layout=None, stats=None, max_layers: int = 12, max_hea
                      autorange="reversed" if source is None else None)
     square_cells(fig)
     fig.update_annotations(font_size=10)
-    side = 110 if len(heads) > 6 else 150
+    side = 150 if len(heads) <= 6 else 110 if len(heads) <= 9 else 92  # 12 heads fit a 1300-px page
     fig.update_layout(height=80 + side * len(layers), width=max(500, 120 + side * len(heads)),
                       title="attention of the readout query over the patches, per head (one scale)",
                       margin=dict(l=10, r=10, t=70, b=10))
@@ -89,7 +89,7 @@ def head_type_figure(stats):
     return fig
 
 
-def _spaced(n: int, k: int) -> list[int]:
+def evenly_spaced(n: int, k: int) -> list[int]:
     """`k` indices of `range(n)`, evenly spaced, first and last included."""
     if n <= k:
         return list(range(n))
