@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: py:percent
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -23,8 +23,10 @@
 #    canvas with a circle or a square in the same place), down to the fewest patches that flip
 #    the prediction.
 #
-# Run it as a script (`python docs/tutorials/01_main_vit_demo.py`) or open it as a notebook with
-# Jupytext; every cell's last expression is a plotly figure or a table in a notebook.
+# Read it with its outputs in `01_main_vit_demo.ipynb` (the notebook of this script, stored with
+# its tables and figures), run it as a script (`python docs/tutorials/01_main_vit_demo.py`), or
+# open the script as a notebook with Jupytext; every cell's last expression is a plotly figure
+# or a table in a notebook.
 
 # %%
 import torch

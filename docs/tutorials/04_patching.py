@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: py:percent
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -29,8 +29,9 @@
 #    another, and the text tower patched between two prompts.
 #
 # Every number in the output is computed when the script runs; the text says how to read them.
-# Run it as a script or open it as a notebook with Jupytext (figures are the cells' last
-# expressions). docs/patching.md has the API in full.
+# Read it with its outputs in `04_patching.ipynb` (the notebook of this script, figures
+# included), run it as a script (the figures, the cells' last expressions, show only in a
+# notebook), or open the script as a notebook with Jupytext. docs/patching.md has the API in full.
 
 # %%
 import time
