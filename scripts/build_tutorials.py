@@ -50,9 +50,11 @@ def execute(nb, *, png: bool, timeout: int = 300):
     """Run every cell in a fresh kernel in a temporary folder; raises on the first error."""
     from nbclient import NotebookClient
 
-    renderer = "plotly_mimetype+png" if png else "plotly_mimetype"
-    saved = os.environ.get("PLOTLY_RENDERER")
-    os.environ["PLOTLY_RENDERER"] = renderer  # the kernel inherits it; plotly reads it at import
+    env = {"PLOTLY_RENDERER": "plotly_mimetype+png" if png else "plotly_mimetype",  # plotly reads it at import
+           # tqdm.auto warns in a kernel without ipywidgets; the tutorials draw no progress bars
+           "PYTHONWARNINGS": ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found"]))}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # the kernel inherits the environment
     try:
         with tempfile.TemporaryDirectory() as cwd:
             client = NotebookClient(nb, kernel_name=KERNEL, timeout=timeout, record_timing=False,
@@ -62,10 +64,11 @@ def execute(nb, *, png: bool, timeout: int = 300):
             if left:
                 raise RuntimeError(f"the notebook wrote files: {left}")
     finally:
-        if saved is None:
-            os.environ.pop("PLOTLY_RENDERER", None)
-        else:
-            os.environ["PLOTLY_RENDERER"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return nb
 
 

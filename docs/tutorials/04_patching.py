@@ -291,7 +291,7 @@ estimates = {}
 for steps in (1, 8):
     start = time.perf_counter()
     estimates[steps] = px.attribution_patching(model, clean6, corrupted6, metric, sites=SITES, positions="all",
-                                               normalize=True, steps=steps)
+                                               normalize=True, steps=steps, progress=False)
     seconds[f"steps={steps}"] = time.perf_counter() - start
 
 

@@ -27,7 +27,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Markdown files with python blocks that are not run (yet), each with the reason.
+# Markdown files with python blocks that are not run (yet), each with the reason. Deleting a
+# line here is all it takes to run that file's blocks.
 EXCLUDED = {
     "docs/transformerlens.md": "owned by issue-15 fold_ln work; add back",
 }
@@ -129,7 +130,8 @@ def test_every_doc_with_python_is_run_but_the_excluded_ones():
     found = set(doc_files())
     assert "README.md" in found and "docs/quickstart.md" in found
     assert set(EXCLUDED) <= found, "an excluded file no longer has python blocks: drop it from EXCLUDED"
-    assert EXCLUDED == {"docs/transformerlens.md": "owned by issue-15 fold_ln work; add back"}
+    # only transformerlens.md may be left out (until its fold_ln work lands: then delete its line above)
+    assert set(EXCLUDED) <= {"docs/transformerlens.md"} and all(EXCLUDED.values())
     assert set(DOCS) == found - set(EXCLUDED)
 
 
