@@ -266,7 +266,8 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
         bias when it is not folded; say so (with its size) rather than let the sum come out short."""
         if self.cfg.folds_final_norm or getattr(self, "_warned_unfolded_bias", False):
             return
-        gap = (self.readout_bias(ids) - self.b_U[ids]).abs().max() if self.cfg.n_classes else 0.0
+        with torch.no_grad():
+            gap = (self.readout_bias(ids) - self.b_U[ids]).abs().max() if self.cfg.n_classes else 0.0
         if float(gap) > 1e-6:
             import warnings
 

@@ -142,7 +142,8 @@ class TracedCLIP(TracedModel):
         """An HxWx3 uint8 array or PIL image -> [1, 3, H, W], normalised as the source expects."""
         from ..images import to_model_input
 
-        return to_model_input(image, self.cfg).to(self.device)
+        device = self.device if self.device.type != "meta" else torch.device("cpu")  # remote: real pixels, sent
+        return to_model_input(image, self.cfg).to(device)
 
     def _not_mapped_reason(self, name: Any) -> str:
         last = name.rsplit(".", 1)[-1] if isinstance(name, str) else ""

@@ -334,9 +334,12 @@ class TracedViT(TracedModel):
 
     def preprocess(self, image: Any) -> Tensor:
         """An HxWx3 uint8 array or PIL image -> [1, 3, H, W] tensor the way the source expects."""
+        import torch
+
         from ..images import to_model_input
 
-        return to_model_input(image, self.cfg).to(self.device)
+        device = self.device if self.device.type != "meta" else torch.device("cpu")  # remote: real pixels, sent
+        return to_model_input(image, self.cfg).to(device)
 
 
 def _conform(name: str, site: Site, value: Any, current: Tensor) -> Tensor:

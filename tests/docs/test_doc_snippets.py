@@ -29,9 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Markdown files with python blocks that are not run (yet), each with the reason. Deleting a
 # line here is all it takes to run that file's blocks.
-EXCLUDED = {
-    "docs/transformerlens.md": "owned by issue-15 fold_ln work; add back",
-}
+EXCLUDED: dict[str, str] = {}  # doc -> why its python blocks are not run (none is left out)
 
 _OPEN = re.compile(r"^(?P<indent>[ \t]*)```python[ \t]*$")
 _SWAP_MARK = re.compile(r"#\s*offline:\s*(?P<pairs>.*)$")
@@ -129,10 +127,8 @@ def test_doc_snippets_run(name, tmp_path, monkeypatch, state_restored):
 def test_every_doc_with_python_is_run_but_the_excluded_ones():
     found = set(doc_files())
     assert "README.md" in found and "docs/quickstart.md" in found
-    assert set(EXCLUDED) <= found, "an excluded file no longer has python blocks: drop it from EXCLUDED"
-    # only transformerlens.md may be left out (until its fold_ln work lands: then delete its line above)
-    assert set(EXCLUDED) <= {"docs/transformerlens.md"} and all(EXCLUDED.values())
-    assert set(DOCS) == found - set(EXCLUDED)
+    assert not EXCLUDED, f"every doc's python blocks must run; left out: {EXCLUDED}"
+    assert set(DOCS) == found
 
 
 def test_swaps_are_literal_on_their_line_and_fail_when_stale():

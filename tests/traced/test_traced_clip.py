@@ -7,6 +7,7 @@ through nnsight's remote machinery (its local simulation, and a model rebuilt fr
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from nnsight import save
@@ -295,6 +296,9 @@ def test_remote_local_simulation_equals_a_local_trace(saved_hf_clip):
     torch.testing.assert_close(logits, expected_logits, atol=0, rtol=0)
     assert remote.site_names == local.site_names and remote.cfg.device.type == "cpu"
     assert not module_hooks(remote._module) and attention_as_built(remote._module)
+    pixels = remote.preprocess(np.zeros((40, 30, 3), np.uint8))  # real values to send, not meta tensors
+    assert pixels.device.type == "cpu" and pixels.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(pixels, local.preprocess(np.zeros((40, 30, 3), np.uint8)))
 
 
 def test_a_server_rebuilds_the_model_from_its_key_and_runs_the_request(saved_hf_clip):
