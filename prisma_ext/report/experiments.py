@@ -112,7 +112,8 @@ def patching(ctx: Context, page: Page) -> None:
     whole = {"all tokens": list(range(ctx.layout.n_tokens))}
     sites = ("attn_out", "mlp_out", "z") if st.heads else ("attn_out", "mlp_out")
     components = activation_patching(ctx.model, ctx.x, ctx.x_corrupted, metric, sites=sites,
-                                     positions=whole, normalize=normalize, progress=bars)
+                                     positions=whole, layers=list(st.layers) if st.layers else None,
+                                     normalize=normalize, progress=bars)
     page.figure(_component_heatmap(ctx, result, components))
     if st.heads:
         page.figure(components["z"].plot(position=0, title="activation patching: each head's output (z) at "
@@ -135,7 +136,9 @@ def _component_heatmap(ctx: Context, resid, components):
         rows.append(row)
         labels.append(f"resid_pre ({name})")
     for site in ("attn_out", "mlp_out"):
-        rows.append(components[site].values[0, :, 0].float().numpy())
+        row = np.full(n, np.nan)
+        row[[int(x) for x in components[site].labels("layer")]] = components[site].values[0, :, 0].float().numpy()
+        rows.append(row)
         labels.append(f"{site} (all tokens)")
     layers = [f"L{i}" for i in range(n)]
     fig = go.Figure(go.Heatmap(z=np.stack(rows), x=layers, y=labels, colorscale="RdBu_r", zmid=0,

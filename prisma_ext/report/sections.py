@@ -225,7 +225,8 @@ def attention_heads(ctx: Context, page: Page) -> None:
     patterns = head_patterns(ctx.model, ctx.x, mean=False)
     readout = readout_attention(ctx.model, ctx.x, patterns=patterns.mean_over("batch"))
     stats = head_statistics(patterns).to_dataframe()
-    page.figure(head_gallery(readout, stats=stats, image=ctx.clean.pixels))
+    every = ctx.settings.thorough  # a large model's gallery: 6 evenly spaced layers; the view below has all
+    page.figure(head_gallery(readout, stats=stats, image=ctx.clean.pixels, max_layers=12 if every else 6))
     page.note("Explore: pick a layer and a head (or their mean), then click a patch, or a prefix token or "
               "the readout, to see where that query attends over the image.")
     page.raw(f"<style>{VIEW_CSS}</style>" + attention_view(patterns.values[0].numpy(), readout.values.float().numpy(),

@@ -5,7 +5,9 @@ patching (every token at every layer, every head) and of the Captum comparison (
 one ablation per patch, 16-step curves) take minutes there. The default keeps every section and
 coarsens what scales with the model: patches grouped into blocks, a subset of layers, fewer IG
 steps (the convergence delta is shown), fewer samples, shorter curves. A model whose forward is
-cheap (the built-in ones) gets the full versions anyway.
+cheap (the built-in ones) gets the full versions anyway. The coarse numbers (4 layers, 4 IG steps,
+2 samples, 2-step curves) are what fits a ViT-B/16 report in about a minute on 2 CPU cores
+(bench/bench_report.py); they are not tuned for accuracy, which --thorough is for.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 # one forward's cost below which the full versions run by default (~ the cost of a ViT-S/16 at
 # 224 px / 8: the built-in models and other small ones); in units of d_model^2 * tokens * layers
 CHEAP = 384 ** 2 * 197 * 12 / 8
+PATCHED_LAYERS = 4  # evenly spaced, the first and the last included, when the model has more
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,8 @@ def settings_for(cfg, thorough: bool = False) -> Settings:
 
     grid = cfg.layout.grid
     n = cfg.n_layers
-    layers = None if n <= 6 else tuple(sorted({round(i * (n - 1) / 5) for i in range(6)}))
+    layers = None if n <= PATCHED_LAYERS else tuple(sorted({round(i * (n - 1) / (PATCHED_LAYERS - 1))
+                                                            for i in range(PATCHED_LAYERS)}))
     return Settings(thorough=False, positions=f"blocks:{block_size(grid, 3)}", layers=layers, heads=False,
-                    minimal_counts=6, ig_steps=8, shap_samples=4, ablation_block=block_size(grid, 3),
-                    curve_steps=3)
+                    minimal_counts=6, ig_steps=4, shap_samples=2, ablation_block=block_size(grid, 3),
+                    curve_steps=2)

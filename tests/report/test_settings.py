@@ -21,8 +21,8 @@ def _vit(d_model: int, n_layers: int, img: int, patch: int) -> ViTConfig:
 
 def test_a_large_model_gets_coarser_sections_and_a_cheap_one_the_full_versions():
     base = settings_for(_vit(768, 12, 224, 16))
-    assert not base.thorough and base.positions == "blocks:5" and base.layers == (0, 2, 4, 7, 9, 11)
-    assert (base.heads, base.ig_steps, base.shap_samples, base.ablation_block, base.curve_steps) == (False, 8, 4, 5, 3)
+    assert not base.thorough and base.positions == "blocks:5" and base.layers == (0, 4, 7, 11)
+    assert (base.heads, base.ig_steps, base.shap_samples, base.ablation_block, base.curve_steps) == (False, 4, 2, 5, 2)
     assert "--thorough" in base.describe()
     assert settings_for(_vit(768, 12, 224, 16), thorough=True) == Settings(thorough=True)
     assert settings_for(_vit(128, 4, 64, 8)) == Settings(thorough=True)  # the built-in models' size
