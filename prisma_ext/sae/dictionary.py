@@ -15,8 +15,10 @@ Parameters (SAELens 6.x names and shapes): `W_enc` [d_in, d_sae], `b_enc` [d_sae
 Decoding is acts @ W_dec + b_dec for all three. Hook points, as SAELens names them:
 `hook_sae_input` (the raw input), `hook_sae_acts_pre`, `hook_sae_acts_post`, `hook_sae_recons`,
 `hook_sae_error` (input minus a clean reconstruction, without gradient) and `hook_sae_output`.
-Other SAELens architectures (gated, transcoders, ...) and run-time normalisations are refused
-by name where a checkpoint asks for them (`prisma_ext.sae.formats`).
+`normalize_activations`: "none", or SAELens's and ViT-Prisma's run-time "layer_norm" and
+"constant_norm_rescale" (applied after `hook_sae_input`, undone after `hook_sae_recons`). Other
+SAELens architectures (gated, transcoders, ...) are refused by name where a checkpoint asks for
+them (`prisma_ext.sae.formats`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from transformer_lens.hook_points import HookPoint
 from ..errors import InputError
 
 ARCHITECTURES = ("standard", "topk", "jumprelu")
+NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")  # applied at run time, undone on the output
+LN_EPS = 1e-5
 
 
 class SparseAutoencoder(HookedRootModule):
@@ -36,8 +40,13 @@ class SparseAutoencoder(HookedRootModule):
 
     def __init__(self, d_in: int, d_sae: int, architecture: str = "standard", k: int | None = None,
                  apply_b_dec_to_input: bool = True, use_error_term: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 normalize_activations: str = "none", dtype: torch.dtype = torch.float32):
         super().__init__()
+        if normalize_activations not in NORMALIZATIONS:
+            raise InputError(f"SAE normalize_activations {normalize_activations!r} is not supported; supported: "
+                             f"{', '.join(NORMALIZATIONS)}")
+        self.normalize_activations = normalize_activations
+        self._stats: tuple[Tensor, Tensor] | None = None  # the last encode's normalisation (SAELens keeps it too)
         if architecture not in ARCHITECTURES:
             raise InputError(f"SAE architecture {architecture!r} is not supported; supported: "
                              f"{', '.join(ARCHITECTURES)}")
@@ -66,10 +75,25 @@ class SparseAutoencoder(HookedRootModule):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise InputError(f"SAE input: expected [..., d_in={self.d_in}], got {shape}")
 
+    def normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """The run-time normalisation of x and what undoes it: "layer_norm" (per token: minus the
+        mean, over the unbiased std + 1e-5; undone as x * std + mean, as SAELens and ViT-Prisma
+        do) or "constant_norm_rescale" (to norm sqrt(d_in)); (x, None) for "none"."""
+        if self.normalize_activations == "layer_norm":
+            mu = x.mean(-1, keepdim=True)
+            std = (x - mu).std(-1, keepdim=True)
+            return (x - mu) / (std + LN_EPS), (std, mu)
+        if self.normalize_activations == "constant_norm_rescale":
+            coeff = self.d_in ** 0.5 / x.norm(dim=-1, keepdim=True)
+            return x * coeff, (1 / coeff, torch.zeros_like(coeff))
+        return x, None
+
     def encode_pre(self, x: Tensor) -> Tensor:
-        """Pre-activations [..., d_sae] of activations x [..., d_in]."""
+        """Pre-activations [..., d_sae] of activations x [..., d_in] (the normalisation, if any, is
+        kept for the next `decode`, as SAELens does)."""
         self._check(x)
         x = self.hook_sae_input(x.to(self.W_enc.dtype))
+        x, self._stats = self.normalize(x)
         sae_in = x - self.b_dec if self.apply_b_dec_to_input else x
         return self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
 
@@ -87,11 +111,21 @@ class SparseAutoencoder(HookedRootModule):
         return self.hook_sae_acts_post(self.activate(self.encode_pre(x)))
 
     def decode(self, acts: Tensor) -> Tensor:
-        """The reconstruction [..., d_in] of latent activations [..., d_sae]."""
+        """The reconstruction [..., d_in] of latent activations [..., d_sae] (with a run-time
+        normalisation: undone with the statistics of the last `encode`)."""
         if not isinstance(acts, Tensor) or acts.shape[-1:] != (self.d_sae,):
             shape = tuple(acts.shape) if isinstance(acts, Tensor) else type(acts).__name__
             raise InputError(f"SAE latents: expected [..., d_sae={self.d_sae}], got {shape}")
-        return self.hook_sae_recons(acts @ self.W_dec + self.b_dec)
+        return self._denormalize(self.hook_sae_recons(acts @ self.W_dec + self.b_dec))
+
+    def _denormalize(self, recon: Tensor) -> Tensor:
+        if self.normalize_activations == "none":
+            return recon
+        if self._stats is None or self._stats[0].shape[:-1] != recon.shape[:-1]:
+            raise InputError(f"this SAE normalises its input ({self.normalize_activations}): decode the latents of "
+                             "the last encode (their statistics undo the normalisation), or call the SAE itself")
+        scale, shift = self._stats
+        return recon * scale + shift
 
     def forward(self, x: Tensor) -> Tensor:
         """decode(encode(x)); with `use_error_term`, plus x minus a clean reconstruction (no
@@ -99,13 +133,16 @@ class SparseAutoencoder(HookedRootModule):
         out = self.decode(self.encode(x))
         if self.use_error_term:
             with torch.no_grad():
-                clean = self.activate(self._plain_pre(x)) @ self.W_dec + self.b_dec
+                clean = self._plain_reconstruction(x)
             out = out + self.hook_sae_error(x.to(out.dtype) - clean)
         return self.hook_sae_output(out)
 
-    def _plain_pre(self, x: Tensor) -> Tensor:
-        x = x.to(self.W_enc.dtype)
-        return (x - self.b_dec if self.apply_b_dec_to_input else x) @ self.W_enc + self.b_enc
+    def _plain_reconstruction(self, x: Tensor) -> Tensor:
+        """decode(encode(x)) without any hook (edits on the latents do not reach it)."""
+        normed, stats = self.normalize(x.to(self.W_enc.dtype))
+        pre = (normed - self.b_dec if self.apply_b_dec_to_input else normed) @ self.W_enc + self.b_enc
+        recon = self.activate(pre) @ self.W_dec + self.b_dec
+        return recon if stats is None else recon * stats[0] + stats[1]
 
     def extra_repr(self) -> str:
         k = f", k={self.k}" if self.k else ""

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .dictionary import ARCHITECTURES, SparseAutoencoder
+from .dictionary import ARCHITECTURES, NORMALIZATIONS, SparseAutoencoder
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 SAELENS_VERSION = "6.0.0"  # the format written: SAELens >= 6 reads it as its own
@@ -48,7 +48,7 @@ def save_saelens(sae: SparseAutoencoder, folder: str | os.PathLike, hook_name: s
         raise InputError(f"save_saelens: {folder} already holds {', '.join(existing)}; pass overwrite=True to "
                          "replace them")
     cfg = {"d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": _dtype_name(sae.W_enc.dtype), "device": "cpu",
-           "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": "none",
+           "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": sae.normalize_activations,
            "reshape_activations": "none",
            "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": SAELENS_VERSION,
                         "model_name": model_name, "hook_name": hook_name, "hook_head_index": None,
@@ -88,7 +88,8 @@ def load_saelens(folder: str | os.PathLike, device: Any = "cpu") -> tuple[Sparse
     if dtype is None:
         raise InputError(f"load_saelens: {folder / CFG}: dtype {cfg.get('dtype')!r} is not one of {sorted(DTYPES)}")
     sae = SparseAutoencoder(int(cfg["d_in"]), int(cfg["d_sae"]), arch, k,
-                            apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), dtype=dtype)
+                            apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+                            normalize_activations=cfg.get("normalize_activations") or "none", dtype=dtype)
     expected = {name: tuple(p.shape) for name, p in sae.named_parameters()}
     if set(tensors) != set(expected):
         raise InputError(f"load_saelens: {folder / WEIGHTS} holds {sorted(tensors)}; a {arch} SAE has "
@@ -127,9 +128,9 @@ def _read_config(cfg: dict, path: Path) -> tuple[str, int | None, dict[str, Any]
     if arch == "topk" and k is None:
         raise InputError(f"load_saelens: {path}: a topk SAE needs k (SAELens would default it to 100 silently)")
     norm = cfg.get("normalize_activations", "none")
-    if norm not in ("none", None, False):
-        raise InputError(f"load_saelens: {path}: normalize_activations={norm!r} (run-time activation normalisation) "
-                         "is not supported; fold its scale into the weights first")
+    if norm not in (*NORMALIZATIONS, None, False):
+        raise InputError(f"load_saelens: {path}: normalize_activations={norm!r} is not supported (its scale is not in "
+                         f"the folder; fold it into the weights first); supported: {', '.join(NORMALIZATIONS)}")
     if cfg.get("reshape_activations", "none") not in ("none", None):
         raise InputError(f"load_saelens: {path}: reshape_activations={cfg['reshape_activations']!r} is not supported")
     return arch, k, meta

@@ -106,7 +106,7 @@ def test_a_saelens_5_config_loads(tmp_path):
 
 @pytest.mark.parametrize("change, needle", [
     ({"architecture": "gated"}, "architecture 'gated' is not supported"),
-    ({"normalize_activations": "layer_norm"}, "normalize_activations='layer_norm'"),
+    ({"normalize_activations": "expected_average_only_in"}, "normalize_activations=.expected_average_only_in. is not"),
     ({"k": None}, "needs k"),
     ({"d_sae": 41}, "W_enc is (12, 40)"),
     ({"dtype": "int8"}, "dtype 'int8'"),
@@ -132,3 +132,17 @@ def test_bad_files_are_clear_errors_and_saving_replaces_nothing(tmp_path):
         load_saelens(folder)
     with pytest.raises(InputError, match=r"expected \[\.\.\., d_in=12\]"):
         random_sae().encode(torch.zeros(2, 13))
+
+
+def test_a_run_time_layer_norm_is_applied_before_encoding_and_undone_after_decoding(tmp_path):
+    sae = random_sae("topk", normalize_activations="layer_norm")
+    x = inputs() * 4
+    shifted = x * 3 + 2  # per token an affine change: the latents are the same, the output follows it
+    torch.testing.assert_close(sae.encode(shifted), sae.encode(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sae(shifted), sae(x) * 3 + 2, atol=1e-3, rtol=1e-4)
+    back, _ = load_saelens(save_saelens(sae, tmp_path / "ln", hook_name="h"))
+    assert back.normalize_activations == "layer_norm"
+    torch.testing.assert_close(back(x), sae(x), atol=1e-6, rtol=0)
+    fresh = random_sae(normalize_activations="layer_norm")
+    with pytest.raises(InputError, match="decode the latents of the last encode"):
+        fresh.decode(torch.zeros(2, 40))
