@@ -1,0 +1,96 @@
+"""Splice an SAE into a hooked model (the TL backend) at its site, for the length of a `with`.
+
+    with splice(model, sae, "blocks.2.hook_resid_post", use_error_term=True):
+        logits, cache = model.run_with_cache(images)
+        cache["blocks.2.hook_resid_post.hook_sae_acts_post"]       # [batch, token, d_sae]
+        model.run_with_hooks(images, fwd_hooks=[("blocks.2.hook_resid_post.hook_sae_acts_post", ablate)])
+
+Inside, the site's value is replaced by the SAE's output (its reconstruction, plus the error
+term with `use_error_term`, so that without an edit the model computes what it computed before)
+and the SAE's hook points sit under the site's name as SAELens names them: `hook_sae_input`,
+`hook_sae_acts_pre`, `hook_sae_acts_post`, `hook_sae_recons`, `hook_sae_error`,
+`hook_sae_output`. The site itself stays a hook point, on the spliced value. On leaving, even
+after an error, the original hook point is back, every hook added inside is gone, and the SAE's
+`use_error_term` is as it was. The SAE's parameters are not added to the model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from ..errors import InputError, UnknownNameError, suggest
+from .dictionary import SparseAutoencoder
+
+SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
+             "hook_sae_output")
+
+
+class SplicedSite(HookPoint):
+    """A site's hook point whose value goes through an SAE; the SAE's hook points are its children
+    (the SAE itself is held without being registered, so the model's parameters stay its own)."""
+
+    def __init__(self, sae: SparseAutoencoder):
+        super().__init__()
+        object.__setattr__(self, "sae", sae)
+        for name in SAE_HOOKS:
+            self.add_module(name, getattr(sae, name))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.sae(x)
+
+
+def _parent(model: nn.Module, site: str) -> tuple[nn.Module, str]:
+    path, _, attr = site.rpartition(".")
+    parent = model.get_submodule(path) if path else model
+    return parent, attr
+
+
+@contextmanager
+def splice(model: Any, sae: SparseAutoencoder, site: str, use_error_term: bool = False) -> Iterator[Any]:
+    """Run `model` (a HookedViT, HookedCLIP tower or any HookedRootModule) with `sae` at `site`
+    inside the `with` (see the module docstring). Refused: a site the model does not have, an
+    SAE whose d_in is not the site's width, a site with hooks attached or already spliced."""
+    hook_dict = getattr(model, "hook_dict", None)
+    if hook_dict is None:
+        raise InputError(f"splice: {type(model).__name__} is not a hooked model (the TL backend); load it with "
+                         "px.load(...) (backend='tl')")
+    if site not in hook_dict:
+        raise UnknownNameError(f"splice: {suggest(site, list(hook_dict), 'site')}")
+    original = hook_dict[site]
+    if isinstance(original, SplicedSite):
+        raise InputError(f"splice: {site} already has an SAE spliced in")
+    if original._forward_hooks or original._backward_hooks:
+        raise InputError(f"splice: {site} has hooks attached; remove them (model.reset_hooks()) before splicing")
+    width = _site_width(model, site)
+    if width is not None and width != sae.d_in:
+        raise InputError(f"splice: the SAE reads d_in={sae.d_in} but {site} is {width} wide")
+    parent, attr = _parent(model, site)
+    wrapper = SplicedSite(sae)
+    saved_error_term = sae.use_error_term
+    sae.use_error_term = use_error_term
+    setattr(parent, attr, wrapper)
+    model.setup()
+    try:
+        yield model
+    finally:
+        wrapper.remove_hooks("both", including_permanent=True)
+        for name in SAE_HOOKS:
+            getattr(sae, name).remove_hooks("both", including_permanent=True)
+        setattr(parent, attr, original)
+        model.setup()
+        sae.setup()  # its hook points' names are its own again
+        sae.use_error_term = saved_error_term
+
+
+def _site_width(model: Any, site: str) -> int | None:
+    """The last dimension of `site` at batch size 1, if the model lists its sites' shapes."""
+    shapes = getattr(model, "site_shapes", None)
+    if shapes is None:
+        return None
+    shape = shapes().get(site)
+    return int(shape[-1]) if shape else None
