@@ -33,7 +33,7 @@ ALLOWED = {
     "catalog": {"core", "sources", "zoo"},
     "cli": {"core", "report", "catalog", "loading", "data"},
     "bridge": {"core"},
-    "sae": {"core"},
+    "sae": {"core", "analysis"},
 }
 
 
