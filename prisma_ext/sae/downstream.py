@@ -1,0 +1,67 @@
+"""What an SAE costs the model when it replaces its site: agreement, accuracy and KL recovered.
+
+    scores = downstream(model, sae, "blocks.2.hook_resid_post", images, labels=labels)
+    scores["kl_recovered"], scores["accuracy_spliced"], scores["agreement"]
+
+On a hooked model (a classifier, or a CLIP tower with its zero-shot head), over `images`: the
+clean run, the run with the site replaced by the SAE's reconstruction (no error term), and a
+baseline run with the site replaced by its mean over the images and tokens (mean ablation).
+- `kl_spliced`, `kl_ablated`: mean KL(clean || run) of the output distributions;
+- `kl_recovered` = 1 - kl_spliced / kl_ablated (1: as good as the real activations; 0: no better
+  than the mean; SAELens's score is the same shape, on the loss);
+- `agreement`: the share of images whose top class is the clean run's;
+- with `labels`: `accuracy_clean`, `accuracy_spliced` and `accuracy_recovered` =
+  (spliced - ablated) / (clean - ablated).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from .dictionary import SparseAutoencoder
+
+
+def _kl(clean: Tensor, other: Tensor) -> float:
+    p = clean.log_softmax(-1)
+    return float((p.exp() * (p - other.log_softmax(-1))).sum(-1).mean())
+
+
+def downstream(model: Any, sae: SparseAutoencoder, site: str, images: Tensor, labels: Tensor | None = None,
+               batch_size: int = 32) -> dict[str, float]:
+    """The SAE spliced at `site` against the clean model and a mean ablation (module docstring)."""
+    from .splice import splice
+
+    if not isinstance(images, Tensor) or images.ndim != 4 or len(images) < 1:
+        raise InputError("downstream: images must be a batch [N, 3, H, W]")
+    if labels is not None and (not isinstance(labels, Tensor) or labels.shape != (len(images),)):
+        raise InputError(f"downstream: labels must be a tensor [{len(images)}] of class indices")
+    chunks = images.split(batch_size)
+    with torch.no_grad():
+        clean, acts = [], []
+        for x in chunks:
+            out, cache = model.run_with_cache(x, names_filter=[site])
+            clean.append(out.float())
+            acts.append(cache[site].float().mean((0, 1)) * len(x))
+        mean = torch.stack(acts).sum(0) / len(images)
+        ablated = torch.cat([model.run_with_hooks(x, fwd_hooks=[(site, lambda v, hook: mean.to(v).expand_as(v))])
+                             for x in chunks]).float()
+        with splice(model, sae, site, use_error_term=False):
+            spliced = torch.cat([model(x) for x in chunks]).float()
+    clean = torch.cat(clean)
+    kl_spliced, kl_ablated = _kl(clean, spliced), _kl(clean, ablated)
+    top = clean.argmax(-1)
+    scores = {"kl_spliced": kl_spliced, "kl_ablated": kl_ablated,
+              "kl_recovered": 1 - kl_spliced / kl_ablated if kl_ablated > 0 else float("nan"),
+              "agreement": float((spliced.argmax(-1) == top).float().mean())}
+    if labels is not None:
+        acc = {name: float((out.argmax(-1) == labels).float().mean())
+               for name, out in (("clean", clean), ("spliced", spliced), ("ablated", ablated))}
+        gap = acc["clean"] - acc["ablated"]
+        scores |= {"accuracy_clean": acc["clean"], "accuracy_spliced": acc["spliced"],
+                   "accuracy_ablated": acc["ablated"],
+                   "accuracy_recovered": (acc["spliced"] - acc["ablated"]) / gap if gap else float("nan")}
+    return scores
