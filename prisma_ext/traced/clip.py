@@ -138,13 +138,6 @@ class TracedCLIP(TracedModel):
             _, cache = self.run_with_cache(**self.example_inputs(batch_size))
         return {name: tuple(t.shape) for name, t in cache.items()}
 
-    def preprocess(self, image: Any) -> Tensor:
-        """An HxWx3 uint8 array or PIL image -> [1, 3, H, W], normalised as the source expects."""
-        from ..images import to_model_input
-
-        device = self.device if self.device.type != "meta" else torch.device("cpu")  # remote: real pixels, sent
-        return to_model_input(image, self.cfg).to(device)
-
     def _not_mapped_reason(self, name: Any) -> str:
         last = name.rsplit(".", 1)[-1] if isinstance(name, str) else ""
         if last in CLIP_NOT_MAPPED:

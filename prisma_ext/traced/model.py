@@ -281,6 +281,16 @@ class TracedModel(NNsight):
         self._prepare(name, site)
         return self.get(envoy_path(site.module)) if site.module else self
 
+    def preprocess(self, image: Any) -> Tensor:
+        """An HxWx3 uint8 array or PIL image -> [1, 3, H, W], normalised as the source expects (on
+        the model's device; a remote model's inputs stay on the CPU: real pixels, sent with it)."""
+        import torch
+
+        from ..images import to_model_input
+
+        device = self.device if self.device.type != "meta" else torch.device("cpu")
+        return to_model_input(image, self.cfg).to(device)
+
     # ------------------------------------------------------------------ nnsight hooks
     def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """nnsight's run of one trace; afterwards undo what the sites prepared, even on error."""
@@ -331,15 +341,6 @@ class TracedViT(TracedModel):
         with torch.no_grad():
             _, cache = self.run_with_cache(x)
         return {name: tuple(t.shape) for name, t in cache.items()}
-
-    def preprocess(self, image: Any) -> Tensor:
-        """An HxWx3 uint8 array or PIL image -> [1, 3, H, W] tensor the way the source expects."""
-        import torch
-
-        from ..images import to_model_input
-
-        device = self.device if self.device.type != "meta" else torch.device("cpu")  # remote: real pixels, sent
-        return to_model_input(image, self.cfg).to(device)
 
 
 def _conform(name: str, site: Site, value: Any, current: Tensor) -> Tensor:
