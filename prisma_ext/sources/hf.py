@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import PrismaError, UnsupportedModelError
 from . import Source, is_path
-from .hub import offline_if_unreachable, unreachable_message
+from .hub import failure_reason, offline_if_unreachable
 
 POOLED_CLASSES = ("ViTModel", "DeiTModel")  # built with or without a pooler (add_pooling_layer)
 
@@ -47,7 +46,7 @@ class HFSource(Source):
         builtin_adapters()  # every HF adapter registers its classes
         source = str(pretrained) if is_path(pretrained) else name
         from_hub = not is_path(pretrained) and not Path(name).is_dir()
-        with offline_if_unreachable() if from_hub else nullcontext(False) as unreachable:
+        with offline_if_unreachable(from_hub) as unreachable:
             return self._build(name, source, pretrained, kwargs, unreachable)
 
     def _build(self, name, source, pretrained, kwargs, unreachable: bool) -> nn.Module:
@@ -59,7 +58,7 @@ class HFSource(Source):
         try:
             config = AutoConfig.from_pretrained(source)
         except (OSError, ValueError) as err:
-            why = unreachable_message("its config") if unreachable else f"{type(err).__name__}: {err}"
+            why = failure_reason(err, unreachable, "its config")
             raise PrismaError(f"could not read the config of hf:{source} ({why}). "
                               "Offline? Save the model with save_pretrained and pass its folder") from err
         kind = class_for(config)
@@ -74,7 +73,7 @@ class HFSource(Source):
         try:
             module = cls.from_pretrained(source, **kwargs) if pretrained else cls(config, **kwargs)
         except (OSError, ValueError) as err:
-            why = unreachable_message("they are") if unreachable else f"{type(err).__name__}: {err}"
+            why = failure_reason(err, unreachable, "its weights")
             raise PrismaError(f"could not load the weights of hf:{source} ({why}). Offline? Save the model with "
                               "save_pretrained and pass its folder") from err
         module.eval()

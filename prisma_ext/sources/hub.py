@@ -4,7 +4,7 @@ missing file fails at once instead of after minutes of retries).
 
     with offline_if_unreachable() as unreachable:
         module = timm.create_model(name, pretrained=True)   # raises at once if not cached
-    # unreachable: True when the probe failed (say so in the error)
+    # on an error: failure_reason(err, unreachable, "the file") says why
 
 The probe is one TCP connection to the hub's host (HF_ENDPOINT, default huggingface.co:443),
 2 s at most, done once per process. It is skipped (the hub counts as reachable) when the user
@@ -47,8 +47,12 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 
 @contextmanager
-def offline_if_unreachable() -> Iterator[bool]:
-    """Yields whether the hub was found unreachable; if so, huggingface_hub is offline inside."""
+def offline_if_unreachable(enabled: bool = True) -> Iterator[bool]:
+    """Yields whether the hub was found unreachable; if so, huggingface_hub is offline inside.
+    `enabled=False` (nothing comes from the hub: a local file or folder): no probe, yields False."""
+    if not enabled:
+        yield False
+        return
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or hub_reachable():
@@ -69,7 +73,11 @@ def _quiet_download_errors(record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and "download" in record.getMessage().lower())
 
 
-def unreachable_message(what: str) -> str:
+def failure_reason(err: BaseException, unreachable: bool, what: str) -> str:
+    """Why a download failed, for an error message: the unreachable hub (`what` is not in the
+    local cache) when the probe said so, else the library's own error."""
+    if not unreachable:
+        return f"{type(err).__name__}: {err}"
     host, port = hub_address()
     return (f"the Hugging Face hub ({host}:{port}) cannot be reached from this machine and {what} "
             "is not in the local cache")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import PrismaError, UnknownNameError, suggest
 from . import Source, is_path
-from .hub import offline_if_unreachable, unreachable_message
+from .hub import failure_reason, offline_if_unreachable
 
 
 class OpenCLIPSource(Source):
@@ -50,11 +49,11 @@ class OpenCLIPSource(Source):
             weights = None
         from_hub = bool(weights) and not is_path(pretrained)
         try:
-            with offline_if_unreachable() if from_hub else nullcontext(False) as unreachable:
+            with offline_if_unreachable(from_hub) as unreachable:
                 module = open_clip.create_model(arch, pretrained=weights, **kwargs)
         except (OSError, RuntimeError, ValueError) as err:
             if from_hub:
-                why = unreachable_message("the file") if unreachable else f"{type(err).__name__}: {err}"
+                why = failure_reason(err, unreachable, "the file")
                 raise PrismaError(
                     f"could not fetch pretrained weights {weights!r} for open_clip:{arch} ({why}). "
                     "Offline? Pass pretrained=False or pretrained='path/to/checkpoint'") from err

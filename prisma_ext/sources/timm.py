@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import PrismaError, UnknownNameError, UnsupportedModelError, closest, suggest
 from . import Source, is_path
-from .hub import offline_if_unreachable, unreachable_message
+from .hub import failure_reason, offline_if_unreachable
 
 EXAMPLES = ["vit_small_patch16_224", "deit_small_distilled_patch16_224", "vit_small_patch14_reg4_dinov2",
             "vit_base_patch16_siglip_224"]
@@ -55,11 +54,11 @@ class TimmSource(Source):
             pretrained = True
         from_hub = bool(pretrained) and not kwargs.get("pretrained_cfg_overlay")
         try:
-            with offline_if_unreachable() if from_hub else nullcontext(False) as unreachable:
+            with offline_if_unreachable(from_hub) as unreachable:
                 module = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
         except (OSError, RuntimeError, ValueError) as err:
             if from_hub:
-                why = unreachable_message("the file") if unreachable else f"{type(err).__name__}: {err}"
+                why = failure_reason(err, unreachable, "the file")
                 raise PrismaError(
                     f"could not fetch pretrained weights for timm:{name} ({why}). "
                     "Offline? Pass pretrained=False for random weights or pretrained='path/to/checkpoint'"
