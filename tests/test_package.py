@@ -12,7 +12,7 @@ import pytest
 import prisma_ext as px
 
 PACKAGE = Path(px.__file__).resolve().parent
-CORE = {"errors", "layout", "images", "_deprecated", "_state"}
+CORE = {"errors", "layout", "images", "_deprecated", "_state", "_files"}
 
 # room -> the rooms it may import (docs/architecture.md draws the same table)
 ALLOWED = {

@@ -80,17 +80,11 @@ def check_out(out: str | os.PathLike) -> Path:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary file next to `path`, then rename it to `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+    from .._files import replacing
+
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------- inputs

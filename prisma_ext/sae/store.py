@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._files import replacing
 from ..errors import InputError
 
 MANIFEST = "manifest.json"
@@ -55,10 +56,18 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _damaged_shard(folder: Path, shards: list[dict]) -> Path | None:
+    """The first shard file the manifest lists that is missing or whose sha256 differs, or None."""
+    for shard in shards:
+        file = folder / shard["file"]
+        if not file.is_file() or _sha256(file) != shard["sha256"]:
+            return file
+    return None
+
+
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _image(images: Any, i: int) -> Tensor:
@@ -129,10 +138,10 @@ def _write_shard(folder: Path, index: int, acts: Tensor, image_ids: Tensor, pos:
     from safetensors.torch import save_file
 
     path = folder / f"shard_{index:05d}.safetensors"
-    tmp = folder / f".{path.name}.tmp"
     tokens = pos.repeat(images[1] - images[0])
-    save_file({"acts": acts.contiguous(), "image": image_ids.contiguous(), "token": tokens.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file({"acts": acts.contiguous(), "image": image_ids.contiguous(), "token": tokens.contiguous()},
+                  str(tmp))
     return {"file": path.name, "images": list(images), "rows": int(acts.shape[0]), "d_in": int(acts.shape[1]),
             "sha256": _sha256(path)}
 
@@ -151,10 +160,9 @@ def _resume(folder: Path, header: dict) -> dict:
         if stored.get(key) != header[key]:
             raise InputError(f"cache_activations: {folder} holds a cache with {key}={stored.get(key)!r}, not "
                              f"{header[key]!r}; use another folder (nothing was changed)")
-    for shard in stored["shards"]:  # what is kept must be intact
-        file = folder / shard["file"]
-        if not file.is_file() or _sha256(file) != shard["sha256"]:
-            raise InputError(f"cache_activations: {file} is missing or does not match its checksum in {MANIFEST}")
+    bad = _damaged_shard(folder, stored["shards"])  # what is kept must be intact
+    if bad is not None:
+        raise InputError(f"cache_activations: {bad} is missing or does not match its checksum in {MANIFEST}")
     for extra in folder.glob(".shard_*.tmp"):  # a shard interrupted while being written
         extra.unlink()
     return stored
@@ -174,12 +182,9 @@ class ActivationStore:
         if not self.manifest.get("complete"):
             raise InputError(f"ActivationStore: {self.folder} is an interrupted cache; run cache_activations again "
                              "with the same arguments to finish it")
-        if verify:
-            for shard in self.manifest["shards"]:
-                file = self.folder / shard["file"]
-                if not file.is_file() or _sha256(file) != shard["sha256"]:
-                    raise InputError(f"ActivationStore: {file} is missing or corrupted (its sha256 differs from "
-                                     f"{MANIFEST})")
+        bad = _damaged_shard(self.folder, self.manifest["shards"]) if verify else None
+        if bad is not None:
+            raise InputError(f"ActivationStore: {bad} is missing or corrupted (its sha256 differs from {MANIFEST})")
 
     def __len__(self) -> int:
         return sum(s["rows"] for s in self.manifest["shards"])

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._files import replacing
 from ..errors import InputError
 from .dictionary import SparseAutoencoder
 
@@ -138,11 +139,10 @@ def train_topk(data: Any, d_sae: int, k: int, epochs: int = 1, batch_size: int =
 
 def _save(path: Path, sae, optimizer, since_fired, state, gen, epoch_state, settings) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"sae": sae.state_dict(), "optimizer": optimizer.state_dict(), "since_fired": since_fired,
-                "step": state["step"], "losses": state["losses"], "generator": gen.get_state(),
-                "epoch_generator": epoch_state, "settings": settings}, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save({"sae": sae.state_dict(), "optimizer": optimizer.state_dict(), "since_fired": since_fired,
+                    "step": state["step"], "losses": state["losses"], "generator": gen.get_state(),
+                    "epoch_generator": epoch_state, "settings": settings}, tmp)
 
 
 @torch.no_grad()

@@ -1,0 +1,31 @@
+"""Writing a file all at once: to a temporary name next to it, renamed onto it at the end.
+
+    with replacing(path) as tmp:
+        tmp.write_text(text)        # or save_file(tensors, str(tmp)), torch.save(obj, tmp) ...
+
+If the block raises (a failed write, Ctrl-C), the temporary file is removed and `path` is as it
+was, so a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed onto `path` when the block ends (removed if it raises)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
