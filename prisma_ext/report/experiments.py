@@ -75,15 +75,18 @@ def _per_layer_maps(ctx: Context, result, title: str):
     """The sweep's effect on the patch grid, one square panel per patched layer."""
     import plotly.express as px
 
+    from ..viz.figures import balanced_columns
+
     grids = per_patch(ctx, result).reshape(-1, *ctx.layout.grid).float().numpy()
     layers = result.labels("layer")
-    fig = px.imshow(grids, facet_col=0, facet_col_wrap=min(6, len(layers)), color_continuous_scale="RdBu_r",
+    n_cols = balanced_columns(len(layers))
+    fig = px.imshow(grids, facet_col=0, facet_col_wrap=n_cols, color_continuous_scale="RdBu_r",
                     color_continuous_midpoint=0.0, title=title, aspect="equal")
     for ann, layer in zip(fig.layout.annotations, layers):
         ann.text = f"layer {layer}"
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
-    fig.update_layout(coloraxis_colorbar=dict(title="metric"), height=260 * -(-len(layers) // 6) + 80)
+    fig.update_layout(coloraxis_colorbar=dict(title="metric"), height=260 * -(-len(layers) // n_cols) + 80)
     return fig
 
 

@@ -10,12 +10,10 @@ MAX_PANELS = 24
 def square_cells(fig) -> None:
     """Every subplot's y axis scaled to its x axis, so a patch grid keeps its aspect ratio."""
     for key in list(fig.layout):
+        if key.startswith(("xaxis", "yaxis")):
+            fig.layout[key].constrain = "domain"
         if key.startswith("yaxis"):
             fig.layout[key].scaleanchor = "x" + key[len("yaxis"):]
-            fig.layout[key].constrain = "domain"
-    for key in list(fig.layout):
-        if key.startswith("xaxis"):
-            fig.layout[key].constrain = "domain"
 
 
 def balanced_columns(n: int, most: int = 6) -> int:
@@ -194,8 +192,7 @@ def comparison_figure(result, facet: str = "column", title: str | None = None):
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels)
     for j in range(len(panels)):
         fig.add_trace(go.Bar(x=[str(b) for b in bars], y=values[:, j], showlegend=False), row=1, col=j + 1)
-        unit = "seconds" if "second" in str(columns[j] if facet == "column" else "") else \
-            "AUC" if facet == "column" else "value"
+        unit = ("seconds" if "second" in str(columns[j]) else "AUC") if facet == "column" else "value"
         fig.update_yaxes(title_text=unit, row=1, col=j + 1)
     fig.update_layout(title=title or "attribution methods compared")
     return fig

@@ -7,17 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import prisma_ext as px
 from prisma_ext.errors import InputError, UnknownNameError
 from prisma_ext.sae import SparseAutoencoder, splice
 from tests.sae.test_formats import random_sae
 
 SITE = "blocks.2.hook_resid_post"
-
-
-@pytest.fixture(scope="module")
-def model():
-    return px.load("builtin:shapes-vit")
 
 
 @pytest.fixture(scope="module")

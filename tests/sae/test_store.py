@@ -16,11 +16,6 @@ SITE = "blocks.1.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
-def model():
-    return px.load("builtin:shapes-vit")
-
-
-@pytest.fixture(scope="module")
 def images(model):
     return torch.randn(10, 3, *model.cfg.img_size, generator=torch.Generator().manual_seed(0))
 
