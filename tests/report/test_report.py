@@ -288,3 +288,16 @@ def test_a_photo_shown_to_a_built_in_model_is_called_out_of_distribution():
     assert warning.startswith("Out of distribution") and "builtin:chelsea" in warning
     assert photo.name(int(photo.probs.argmax())) in warning  # it names the answer it warns about
     assert out_of_distribution(prepare("builtin:shapes-vit", image="builtin:red-circle")) == ""
+
+
+def test_the_timing_table_adds_up_to_its_total_which_the_command_prints(bare_report):
+    folder, res = bare_report
+    html = (folder / "report.html").read_text(encoding="utf-8")
+    section = html[html.index('<section id="timing"'):]
+    rows = re.findall(r"<tr[^>]*><td[^>]*>([^<]+)</td><td>([\d.]+)</td></tr>", section)
+    parts = {name: float(value) for name, value in rows}
+    total = parts.pop("total")
+    assert {"start-up and imports", "loading", "writing the page"} <= set(parts)
+    assert abs(sum(parts.values()) - total) <= 0.01 * len(parts)  # each part rounded to 0.01 s
+    said = float(re.search(r"wrote .* in (\d+) s", res.stderr).group(1))
+    assert abs(said - total) <= 1
