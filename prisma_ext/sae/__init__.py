@@ -12,7 +12,7 @@ from .formats import load_saelens, save_saelens
 from .prisma_format import load_vit_prisma
 from .splice import splice
 from .store import ActivationStore, cache_activations
-from .train import evaluate, train_topk
+from .train import evaluate, train_sae, train_topk
 
 __all__ = ["ARCHITECTURES", "ActivationStore", "SparseAutoencoder", "cache_activations", "load_saelens",
-           "load_vit_prisma", "save_saelens", "splice", "evaluate", "train_topk", "downstream"]
+           "load_vit_prisma", "save_saelens", "splice", "evaluate", "train_sae", "train_topk", "downstream"]
