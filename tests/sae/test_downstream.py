@@ -8,7 +8,7 @@ import torch
 
 import prisma_ext as px
 from prisma_ext import zoo
-from prisma_ext.errors import InputError
+from prisma_ext.errors import InputError, UnknownNameError
 from prisma_ext.sae import SparseAutoencoder
 from prisma_ext.sae.downstream import downstream
 from tests.sae.test_formats import random_sae
@@ -67,3 +67,7 @@ def test_bad_input_is_refused(setup):
         downstream(model, exact_sae(model.cfg.d_model), SITE, images[0])
     with pytest.raises(InputError, match="labels must be a tensor"):
         downstream(model, exact_sae(model.cfg.d_model), SITE, images, labels=labels[:3])
+    with pytest.raises(UnknownNameError, match=f"closest: {SITE}"):
+        downstream(model, exact_sae(model.cfg.d_model), SITE + "x", images)
+    with pytest.raises(InputError, match="batch_size must be a positive int"):
+        downstream(model, exact_sae(model.cfg.d_model), SITE, images, batch_size=0)
