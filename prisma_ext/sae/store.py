@@ -80,6 +80,14 @@ def _image(images: Any, i: int) -> Tensor:
     return item
 
 
+def _batch(images: Any, start: int, stop: int) -> Tensor:
+    """Images start..stop as one batch [n, 3, H, W]: a slice of an image tensor (no copy), or the
+    items of a dataset stacked."""
+    if isinstance(images, Tensor) and images.ndim == 4:
+        return images[start:stop]
+    return torch.stack([_image(images, i) for i in range(start, stop)])
+
+
 def cache_activations(model: Any, site: str, images: Any, folder: str | os.PathLike, tokens: str = "all",
                       images_per_shard: int = 256, batch_size: int = 32, progress: bool = False) -> dict:
     """Store `site`'s activations over `images` in `folder` (see the module docstring); returns
@@ -110,18 +118,20 @@ def cache_activations(model: Any, site: str, images: Any, folder: str | os.PathL
     manifest = _resume(folder, header)
     done = sum(s["images"][1] - s["images"][0] for s in manifest["shards"])
     pos = torch.tensor(positions)
+    every_token = positions == list(range(backend.layout.n_tokens))
     with Progress(n_images - done, progress, f"caching {site}", unit="image") as bar:
         for start in range(done, n_images, images_per_shard):
             stop = min(start + images_per_shard, n_images)
             rows, image_ids = [], []
             for b in range(start, stop, batch_size):
-                x = torch.stack([_image(images, i) for i in range(b, min(b + batch_size, stop))])
+                x = _batch(images, b, min(b + batch_size, stop))
                 with torch.no_grad():
                     acts = backend.run(x.to(device=cfg.device, dtype=cfg.dtype), read=[site]).acts[site]
                 if acts.ndim != 3 or acts.shape[1] != backend.layout.n_tokens:
                     raise InputError(f"cache_activations: {site} is {tuple(acts.shape)}, not [batch, token, d] over "
                                      f"the {backend.layout.n_tokens} tokens")
-                rows.append(acts[:, pos].float().cpu().reshape(-1, acts.shape[-1]))
+                kept = acts if every_token else acts[:, pos]  # all tokens: no copy before the shard's cat
+                rows.append(kept.float().cpu().reshape(-1, acts.shape[-1]))
                 image_ids.append(torch.arange(b, b + len(x)).repeat_interleave(len(positions)))
                 bar.update(len(x))
             manifest["shards"].append(_write_shard(folder, len(manifest["shards"]), torch.cat(rows),
