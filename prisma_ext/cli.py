@@ -3,7 +3,8 @@
 ``prisma-ext report`` writes one self-contained HTML report explaining a model's prediction on
 one image (the work is in ``prisma_ext.report``). ``prisma-ext inspect`` (what the bare
 command runs) prints a model's architecture, token layout, hook sites and top-k classes.
-``prisma-ext models`` lists what loads; ``prisma-ext sites MODEL`` lists a model's sites.
+``prisma-ext models`` lists what loads; ``prisma-ext sites MODEL`` lists a model's sites;
+``prisma-ext sae ...`` caches, trains, evaluates and shows sparse autoencoders (``prisma_ext.cli_sae``).
 
 Bad input (a missing or unreadable image, an unknown model) ends with one line on stderr,
 ``prisma-ext: error: ...``, and exit status 2, the same as argparse's usage errors.
@@ -23,7 +24,7 @@ STARTED = time.perf_counter()  # the command's clock: the report's timing table 
 
 PROG = "prisma-ext"
 DEFAULT_MODEL = "builtin:shapes-vit"  # inspect's and report's: its weights ship, so it runs offline
-COMMANDS = ("inspect", "report", "models", "sites")
+COMMANDS = ("inspect", "report", "models", "sites", "sae")
 
 
 class _Named(argparse.Action):
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "every hook site with its shape at batch size 1.")
     p.add_argument("model", metavar="MODEL", help="model source, e.g. builtin:shapes-vit or timm:vit_small_patch16_224")
     p.set_defaults(func=cmd_sites)
+    from prisma_ext.cli_sae import add_sae_parser
+
+    add_sae_parser(sub)
     return parser
 
 

@@ -31,9 +31,10 @@ ALLOWED = {
     "viz": {"core"},
     "report": {"core", "analysis", "viz", "loading", "data", "zoo"},
     "catalog": {"core", "sources", "zoo"},
-    "cli": {"core", "report", "catalog", "loading", "data"},
+    "cli": {"core", "report", "catalog", "loading", "data", "cli_sae"},
+    "cli_sae": {"core", "sae", "report", "analysis", "data"},
     "bridge": {"core"},
-    "sae": {"core", "analysis"},
+    "sae": {"core", "analysis", "viz", "report", "zoo", "data", "loading", "sitemaps"},
 }
 
 

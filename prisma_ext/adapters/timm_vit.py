@@ -191,7 +191,8 @@ class TimmViTAdapter(Adapter):
             attn_pool_latent_len=pool.latent_len if pool is not None else 1,
             attn_pool_d_mlp=pool.mlp.fc1.out_features if pool is not None else 0,
             attn_pool_act=act_name(pool.mlp.act) if pool is not None else "",
-            source=f"timm:{arch}{'.' + tag if tag else ''}" if arch else "timm",
+            source=getattr(m, "_prisma_source", None)  # builtin:NAME, set by the zoo
+            or (f"timm:{arch}{'.' + tag if tag else ''}" if arch else "timm"),
             mean=_per_channel(pre_cfg.get("mean", (0.5,)), in_chans),
             std=_per_channel(pre_cfg.get("std", (0.5,)), in_chans),
             crop_pct=float(pre_cfg.get("crop_pct", 1.0) or 1.0),

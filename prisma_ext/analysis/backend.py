@@ -89,6 +89,11 @@ class Backend:
         """The site the backend's output is, where it is one (a CLIP tower's image embedding)."""
         return None
 
+    @property
+    def site_names(self) -> list[str]:
+        """The names `run` reads and edits (a CLIP's: its vision tower's, unprefixed)."""
+        return list(self.vit.hook_dict)
+
     def run(self, images: Tensor, read: Sequence[str] = (), edit: Mapping[str, Edit] | None = None,
             grad_of: Callable[[Tensor], Tensor] | None = None) -> Run:
         raise NotImplementedError
@@ -294,6 +299,10 @@ class NNsightBackend(Backend):
     @property
     def root(self) -> torch.nn.Module:
         return self.model._module
+
+    @property
+    def site_names(self) -> list[str]:
+        return list(self.model.site_names)
 
     def run(self, images, read=(), edit=None, grad_of=None) -> Run:
         from nnsight import save

@@ -84,7 +84,6 @@ def write_atomic(path: Path, text: str) -> None:
 
     with replacing(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o644)
 
 
 # ------------------------------------------------------------------------------- inputs

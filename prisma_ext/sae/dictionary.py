@@ -33,6 +33,8 @@ from ..errors import InputError
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")  # applied at run time, undone on the output
 LN_EPS = 1e-5
+SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
+             "hook_sae_output")  # SAELens's names, in forward order
 
 
 class SparseAutoencoder(HookedRootModule):
@@ -65,8 +67,7 @@ class SparseAutoencoder(HookedRootModule):
         self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
         if architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
-        for name in ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons",
-                     "hook_sae_error", "hook_sae_output"):
+        for name in SAE_HOOKS:
             setattr(self, name, HookPoint())
         self.setup()
 

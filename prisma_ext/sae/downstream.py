@@ -47,9 +47,8 @@ def downstream(model: Any, sae: SparseAutoencoder, site: str, images: Tensor, la
         raise InputError(f"downstream: batch_size must be a positive int, got {batch_size!r}")
     backend = Backend.of(model)
     target = backend.vit if backend.kind == "tl" else model  # what Backend.run runs (a CLIP's vision tower)
-    names = target.hook_dict if backend.kind == "tl" else target.site_names
-    if site not in names:
-        raise UnknownNameError(f"downstream: {suggest(str(site), list(names), 'site')}")
+    if site not in backend.site_names:
+        raise UnknownNameError(f"downstream: {suggest(str(site), backend.site_names, 'site')}")
     chunks = images.split(batch_size)
     with torch.no_grad():
         clean, total, count = [], 0.0, 0

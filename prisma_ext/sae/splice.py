@@ -31,10 +31,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from ..errors import InputError, UnknownNameError, suggest
-from .dictionary import SparseAutoencoder
-
-SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
-             "hook_sae_output")
+from .dictionary import SAE_HOOKS, SparseAutoencoder
 
 
 class SplicedSite(HookPoint):

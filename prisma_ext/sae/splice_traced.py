@@ -39,8 +39,7 @@ from torch import Tensor, nn
 from ..errors import InputError, PrismaError, UnknownNameError, suggest
 from ..sitemaps.attention import serve
 from ..sitemaps.spec import Site
-from .dictionary import SparseAutoencoder
-from .splice import SAE_HOOKS
+from .dictionary import SAE_HOOKS, SparseAutoencoder
 
 _PLAIN_PORTS = ("input", "output")
 

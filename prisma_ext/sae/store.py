@@ -102,8 +102,8 @@ def cache_activations(model: Any, site: str, images: Any, folder: str | os.PathL
             raise InputError(f"cache_activations: {name} must be a positive int, got {value!r}")
     backend = Backend.of(model)
     cfg = backend.cfg
-    sites = list(getattr(model, "hook_dict", None) or getattr(model, "site_names", None) or [])
-    if sites and site not in sites:
+    sites = backend.site_names
+    if site not in sites:
         from ..errors import UnknownNameError, suggest
 
         raise UnknownNameError(f"cache_activations: {suggest(site, list(sites), 'site')}")

@@ -56,17 +56,24 @@ def paste_patches(clean: np.ndarray, corrupted: np.ndarray, patches: list[int], 
     return big
 
 
-def overlay_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], patch: tuple[int, int],
-                   title: str, cols: int | None = None, opacity: float = 0.6):
-    """Each map [rows, cols] as a translucent heatmap over the image (HxWx3 uint8), one panel
-    each. Maps are scaled to [-1, 1] by their largest absolute value, so panels compare by
-    shape, not by units; hover shows the raw value."""
+def overlay_figure(image: np.ndarray | Mapping[str, np.ndarray], maps: Mapping[str, np.ndarray],
+                   patch: tuple[int, int], title: str, cols: int | None = None, opacity: float = 0.6,
+                   shared: str | None = None):
+    """Each map [rows, cols] as a translucent heatmap over the image (HxWx3 uint8; or one image
+    per map, keyed like `maps`), one panel each. Maps are scaled to [-1, 1] by their largest
+    absolute value, so panels compare by shape, not by units; with `shared` (the colour bar's
+    title), non-negative maps on one scale from 0 to the largest value of all, zero cells left
+    clear. Hover shows the raw value."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    big, k = upscale(image)
-    source = f"data:image/png;base64,{png_base64(big)}"
     names = list(maps)
+    per_map = isinstance(image, Mapping)
+    sources = {}
+    for name in names if per_map else names[:1]:
+        big, k = upscale(image[name] if per_map else image)
+        sources[name] = f"data:image/png;base64,{png_base64(big)}"
+    top = max(float(np.asarray(m).max()) for m in maps.values()) or 1.0
     from .figures import balanced_columns, square_cells
 
     n_cols = min(cols, len(names)) if cols else balanced_columns(len(names))
@@ -78,10 +85,13 @@ def overlay_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], patch: tup
         raw = np.asarray(maps[name], dtype=np.float64)
         scale = float(np.abs(raw).max()) or 1.0
         row, col = i // n_cols + 1, i % n_cols + 1
-        fig.add_trace(go.Image(source=source, hoverinfo="skip"), row=row, col=col)
-        fig.add_trace(go.Heatmap(z=raw / scale, customdata=raw, x0=pw / 2, dx=pw, y0=ph / 2, dy=ph,
-                                 zmin=-1, zmax=1, colorscale="RdBu_r", opacity=opacity, showscale=i == 0,
-                                 colorbar=dict(title="value / panel's<br>max |value|", len=0.6),
+        fig.add_trace(go.Image(source=sources[name if per_map else names[0]], hoverinfo="skip"), row=row, col=col)
+        colours = dict(zmin=0, zmax=top, colorscale="Viridis", colorbar=dict(title=shared, len=0.6)) if shared \
+            else dict(zmin=-1, zmax=1, colorscale="RdBu_r", colorbar=dict(title="value / panel's<br>max |value|",
+                                                                          len=0.6))
+        z = np.where(raw > 0, raw, np.nan) if shared else raw / scale  # shared: zero cells left clear
+        fig.add_trace(go.Heatmap(z=z, customdata=raw, x0=pw / 2, dx=pw, y0=ph / 2, dy=ph, opacity=opacity,
+                                 showscale=i == 0, **colours,
                                  hovertemplate="value %{customdata:.4g}<extra>" + name + "</extra>"),
                       row=row, col=col)
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)

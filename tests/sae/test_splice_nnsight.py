@@ -13,8 +13,8 @@ from prisma_ext import zoo
 from prisma_ext.analysis.backend import Backend
 from prisma_ext.errors import InputError, UnknownNameError
 from prisma_ext.sae import splice
+from prisma_ext.sae.dictionary import SAE_HOOKS
 from prisma_ext.sae.downstream import downstream
-from prisma_ext.sae.splice import SAE_HOOKS
 from tests.sae.test_formats import random_sae
 
 SITE = "blocks.2.hook_resid_post"
