@@ -37,14 +37,15 @@ def normalised_mse(x: Tensor, recon: Tensor) -> Tensor:
 
 
 def aux_loss(sae: SparseAutoencoder, pre: Tensor, error: Tensor, dead: Tensor, aux_k: int) -> Tensor:
-    """AuxK: the error reconstructed from the top `aux_k` dead latents, over the error's variance."""
-    n_dead = int(dead.sum())
-    if n_dead == 0:
+    """AuxK: the error reconstructed from the top `aux_k` dead latents, over the error's variance.
+    Computed on the dead latents' columns only (a tenth of the latents dead: a tenth of the work)."""
+    which = dead.nonzero().squeeze(-1)
+    if len(which) == 0:
         return pre.new_zeros(())
-    masked = torch.where(dead, pre, torch.full_like(pre, float("-inf")))
-    top = masked.topk(min(aux_k, n_dead), dim=-1)
-    acts = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
-    recon = acts @ sae.W_dec
+    columns = pre[:, which]  # [batch, n_dead]
+    top = columns.topk(min(aux_k, len(which)), dim=-1)
+    acts = torch.zeros_like(columns).scatter(-1, top.indices, torch.relu(top.values))
+    recon = acts @ sae.W_dec[which]
     return (recon - error).pow(2).sum(-1).mean() / error.pow(2).sum(-1).mean().clamp_min(1e-12)
 
 

@@ -144,3 +144,26 @@ def test_bad_training_settings_are_refused_by_name():
     with pytest.raises(InputError, match=r"prefixes must be ints in \[1, d_sae=8\]"):
         train_sae(data, d_sae=8, architecture="topk", k=2, prefixes=[16])
     assert isinstance(train_topk(data, d_sae=8, k=2, batch_size=128)[0], SparseAutoencoder)
+
+
+def test_auxk_on_the_dead_columns_equals_the_dense_definition():
+    """AuxK computed on the dead latents' columns only = over every latent with the live ones
+    masked out (values and gradients), and zero without dead latents."""
+    from prisma_ext.sae.objectives import aux_loss
+
+    gen = torch.Generator().manual_seed(0)
+    sae = SparseAutoencoder(12, 40, "topk", 4)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn(40, 12, generator=gen))
+    pre = torch.randn(32, 40, generator=gen, requires_grad=True)
+    error = torch.randn(32, 12, generator=gen)
+    dead = torch.rand(40, generator=gen) < 0.3
+    masked = torch.where(dead, pre, torch.full_like(pre, float("-inf")))
+    top = masked.topk(5, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    dense = ((acts @ sae.W_dec - error).pow(2).sum(-1).mean() / error.pow(2).sum(-1).mean())
+    ours = aux_loss(sae, pre, error, dead, 5)
+    torch.testing.assert_close(ours, dense)
+    for a, b in zip(torch.autograd.grad(ours, [pre, sae.W_dec]), torch.autograd.grad(dense, [pre, sae.W_dec])):
+        torch.testing.assert_close(a, b)
+    assert float(aux_loss(sae, pre, error, torch.zeros(40, dtype=torch.bool), 5)) == 0
