@@ -1,7 +1,7 @@
 """What caching activations and training a TopK SAE cost, each side by side with a reference.
 
     .venv/bin/pip install -e '.[bench]'     # overcomplete and what it imports (part 2 only)
-    .venv/bin/python bench/bench_sae.py [--part cache|train|both] [--threads 2] [--rounds 3]
+    .venv/bin/python bench/bench_sae.py [--part cache|train|both|auxk] [--threads 2] [--rounds 3]
 
 1. Caching: `cache_activations(model, "blocks.{L//2}.hook_resid_post", images, folder,
    tokens="all")` against the same model's plain forward over the same images (same batch size,
@@ -247,9 +247,45 @@ def profile_train(x: torch.Tensor, d_sae: int, k: int, settings: dict) -> None:
     print("\n".join("      " + line for line in table.splitlines()))
 
 
+# ---------------------------------------------------------------------------------- 3. AuxK
+
+
+def dense_aux_loss(sae, pre, error, dead, aux_k):
+    """AuxK over every latent with the live ones masked out (the definition; what we had before)."""
+    masked = torch.where(dead, pre, torch.full_like(pre, float("-inf")))
+    top = masked.topk(min(aux_k, int(dead.sum())), dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    return ((acts @ sae.W_dec - error).pow(2).sum(-1).mean() / error.pow(2).sum(-1).mean())
+
+
+def bench_auxk(args) -> bool:
+    """AuxK forward + backward on the dead columns only against the dense definition, side by side."""
+    from prisma_ext.sae.dictionary import SparseAutoencoder
+    from prisma_ext.sae.objectives import aux_loss
+
+    d_sae, aux_k = args.d_in * args.expansion, args.d_in // 2
+    gen = torch.Generator().manual_seed(0)
+    sae = SparseAutoencoder(args.d_in, d_sae, "topk", args.k)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn(d_sae, args.d_in, generator=gen))
+    pre = torch.randn(args.batch_size, d_sae, generator=gen, requires_grad=True)
+    error = torch.randn(args.batch_size, args.d_in, generator=gen)
+    ok = True
+    for share in (0.1, 0.5):
+        dead = torch.rand(d_sae, generator=gen) < share
+        calls = {name: (lambda f=f, dead=dead: f(sae, pre, error, dead, aux_k).backward())
+                 for name, f in (("dead columns", aux_loss), ("dense", dense_aux_loss))}
+        times = interleaved(calls, max(args.rounds, 5))
+        ratio = times["dead columns"] / times["dense"]
+        ok &= ratio <= 1.0
+        print(f"AuxK, {share:.0%} of {d_sae} latents dead, batch {args.batch_size}: dead columns "
+              f"{times['dead columns'] * 1e3:.1f} ms, dense {times['dense'] * 1e3:.1f} ms ({ratio:.2f}x)")
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("cache", "train", "both"), default="both")
+    parser.add_argument("--part", choices=("cache", "train", "both", "auxk"), default="both")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
@@ -278,6 +314,8 @@ def main() -> int:
         ok &= bench_cache(args)
     if args.part in ("train", "both"):
         ok &= bench_train(args)
+    if args.part == "auxk":
+        ok &= bench_auxk(args)
     return 0 if ok else 1
 
 
