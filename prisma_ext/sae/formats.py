@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .._files import replacing
 from ..errors import InputError
 from .dictionary import ARCHITECTURES, NORMALIZATIONS, SparseAutoencoder
 
@@ -58,8 +59,10 @@ def save_saelens(sae: SparseAutoencoder, folder: str | os.PathLike, hook_name: s
         cfg |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().cpu().contiguous() for name, p in sae.named_parameters()}
-    save_file(tensors, str(folder / WEIGHTS))
-    (folder / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
+    with replacing(folder / WEIGHTS) as tmp:  # whole files only, with the usual permissions
+        save_file(tensors, str(tmp))
+    with replacing(folder / CFG) as tmp:
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
     return folder
 
 

@@ -146,3 +146,14 @@ def test_a_run_time_layer_norm_is_applied_before_encoding_and_undone_after_decod
     fresh = random_sae(normalize_activations="layer_norm")
     with pytest.raises(InputError, match="decode the latents of the last encode"):
         fresh.decode(torch.zeros(2, 40))
+
+
+def test_saved_files_get_the_permissions_a_plain_write_gives(tmp_path):
+    """safetensors writes 0o600 on its own; save_saelens's files are readable like any file."""
+    import os
+
+    folder = save_saelens(random_sae("standard"), tmp_path / "sae", hook_name="blocks.0.hook_resid_post")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
