@@ -9,6 +9,12 @@ into a temporary store, `train_sae`, `save_saelens`. `info.json` beside it recor
 the seconds it took, and what was measured on fresh scenes after reloading it: explained
 variance, L0, dead latents, the zero-shot accuracy recovered (`downstream`), and for each shape
 and colour the latent that detects it and its AUROC (`concept_detectors`).
+
+The settings (BatchTopK, 512 latents, k 8) were chosen among 14 configurations tried (TopK,
+BatchTopK and Matryoshka; 128 to 1024 latents; k 8 to 32; layers 1 to 3) as the one whose
+lowest concept AUROC on MEASURE's scenes was highest; the others left one to three concepts
+(most often the cross) just under 0.95. The tests also measure it on scenes never used in that
+choice (seeds 20004/20005).
 """
 
 from __future__ import annotations
