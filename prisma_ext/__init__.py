@@ -56,6 +56,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "head_patterns": ("prisma_ext.analysis.heads", "head_patterns"),
     "head_statistics": ("prisma_ext.analysis.heads", "head_statistics"),
     "readout_attention": ("prisma_ext.analysis.heads", "readout_attention"),
+    "clip_decomposition": ("prisma_ext.analysis.clip_decomposition", "clip_decomposition"),
+    "text_span": ("prisma_ext.analysis.text_span", "text_span"),
     "AnalysisResult": ("prisma_ext.analysis.result", "AnalysisResult"),
     "ResultSet": ("prisma_ext.analysis.result", "ResultSet"),
     # subpackages
@@ -81,6 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .analysis.attention import attention_rollout, gradient_attention
     from .analysis.attribution import direct_logit_attribution
     from .analysis.captum_attr import captum_attribution
+    from .analysis.clip_decomposition import clip_decomposition
     from .analysis.compare import compare_attributions
     from .analysis.faithfulness import faithfulness
     from .analysis.heads import head_patterns, head_statistics, readout_attention
@@ -88,6 +91,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .analysis.patching import activation_patching, attribution_patching, image_text_patching
     from .analysis.result import AnalysisResult, ResultSet
     from .analysis.targets import ClassProb, ClassTarget, FunctionTarget, ImageTextScore, LogitDiff
+    from .analysis.text_span import text_span
     from .hooked.clip import HookedCLIP
     from .hooked.config import TextConfig, ViTConfig
     from .hooked.text import HookedTextTransformer
