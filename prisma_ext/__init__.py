@@ -58,6 +58,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "readout_attention": ("prisma_ext.analysis.heads", "readout_attention"),
     "clip_decomposition": ("prisma_ext.analysis.clip_decomposition", "clip_decomposition"),
     "text_span": ("prisma_ext.analysis.text_span", "text_span"),
+    "head_ablation": ("prisma_ext.analysis.head_ablation", "head_ablation"),
+    "zero_shot_segmentation": ("prisma_ext.analysis.segmentation", "zero_shot_segmentation"),
+    "segmentation_scores": ("prisma_ext.analysis.segmentation", "segmentation_scores"),
     "AnalysisResult": ("prisma_ext.analysis.result", "AnalysisResult"),
     "ResultSet": ("prisma_ext.analysis.result", "ResultSet"),
     # subpackages
@@ -86,10 +89,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .analysis.clip_decomposition import clip_decomposition
     from .analysis.compare import compare_attributions
     from .analysis.faithfulness import faithfulness
+    from .analysis.head_ablation import head_ablation
     from .analysis.heads import head_patterns, head_statistics, readout_attention
     from .analysis.lens import logit_lens
     from .analysis.patching import activation_patching, attribution_patching, image_text_patching
     from .analysis.result import AnalysisResult, ResultSet
+    from .analysis.segmentation import segmentation_scores, zero_shot_segmentation
     from .analysis.targets import ClassProb, ClassTarget, FunctionTarget, ImageTextScore, LogitDiff
     from .analysis.text_span import text_span
     from .hooked.clip import HookedCLIP
