@@ -61,6 +61,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "head_ablation": ("prisma_ext.analysis.head_ablation", "head_ablation"),
     "zero_shot_segmentation": ("prisma_ext.analysis.segmentation", "zero_shot_segmentation"),
     "segmentation_scores": ("prisma_ext.analysis.segmentation", "segmentation_scores"),
+    "high_norm_tokens": ("prisma_ext.analysis.high_norm", "high_norm_tokens"),
+    "test_time_register": ("prisma_ext.analysis.high_norm", "test_time_register"),
     "AnalysisResult": ("prisma_ext.analysis.result", "AnalysisResult"),
     "ResultSet": ("prisma_ext.analysis.result", "ResultSet"),
     # subpackages
@@ -91,6 +93,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .analysis.faithfulness import faithfulness
     from .analysis.head_ablation import head_ablation
     from .analysis.heads import head_patterns, head_statistics, readout_attention
+    from .analysis.high_norm import high_norm_tokens, test_time_register
     from .analysis.lens import logit_lens
     from .analysis.patching import activation_patching, attribution_patching, image_text_patching
     from .analysis.result import AnalysisResult, ResultSet
