@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 
 import timm
 import torch
+from timing import interleaved
 
 import prisma_ext as px
 
@@ -34,19 +34,6 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def interleaved(calls: dict, rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each call, run in rotating order round by round."""
-    names = list(calls)
-    for _ in range(warmup):
-        for name in names:
-            calls[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name].append(timed(calls[name]))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_dla(rounds: int) -> None:
@@ -73,7 +60,7 @@ def bench_dla(rounds: int) -> None:
         "DLA layer+head+source (nnsight)": lambda: px.direct_logit_attribution(nn_model, images, classes),
         "DLA layer only (TL)": lambda: px.direct_logit_attribution(tl, images, classes, by="layer"),
     }
-    med = interleaved(calls, rounds)
+    med = interleaved(calls, rounds, warmup=1)
     print(f"\n{MODEL}, batch {BATCH}, medians of {rounds} interleaved rounds")
     base = {"(TL)": med["HookedViT forward"], "(nnsight)": med["timm forward"]}
     for name, seconds in med.items():

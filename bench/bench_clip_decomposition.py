@@ -16,27 +16,15 @@ Random weights (no download); 2 CPU threads by default.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
+from timing import interleaved
 
 import prisma_ext as px
 
 DECOMPOSITION_TARGET = 3.0
 SPAN_TARGET_S = 10.0
-
-
-def interleaved(calls: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of each call, run round by round in a rotating order."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    order = list(calls)
-    for r in range(rounds):
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> int:

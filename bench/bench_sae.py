@@ -32,12 +32,11 @@ import contextlib
 import io
 import platform
 import shutil
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
+from timing import interleaved
 
 import prisma_ext as px
 from prisma_ext.sae.store import ActivationStore, cache_activations
@@ -46,18 +45,6 @@ from prisma_ext.sae.train import train_topk
 CACHE_TARGET = 1.15
 TRAIN_TARGET = 1.10
 MODELS = ("timm:vit_small_patch16_224", "builtin:shapes-vit")
-
-
-def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds of each call, run round by round in a rotating order."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    order = list(calls)
-    for r in range(rounds):
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 # ---------------------------------------------------------------------------------- 1. caching

@@ -1,0 +1,24 @@
+"""Side-by-side timing for the bench scripts (run as `python bench/NAME.py`, so this imports as
+`timing`)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 0) -> dict[str, float]:
+    """Median seconds of each call, run round by round in a rotating order (after `warmup`
+    untimed rounds), so that the machine's drifts fall on every call alike."""
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
