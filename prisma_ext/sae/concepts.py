@@ -42,14 +42,15 @@ def pooled_scores(model: Any, sae: SparseAutoencoder, site: str, images: Tensor,
                   batch_size: int = 64) -> dict[str, Tensor]:
     """Every latent's per-image score under each pooling: {pooling: [n_images, d_sae]}."""
     from ..analysis.backend import Backend
+    from .explain import _site_values
 
     backend = Backend.of(model)
     if not backend.layout.n_cls:
         raise InputError("pooled_scores: the 'cls' pooling needs a CLS token, and this model has none")
     out: dict[str, list[Tensor]] = {p: [] for p in POOLINGS}
     with torch.no_grad():
-        for x in images.split(batch_size):
-            z = sae.encode(backend.run(x, read=[site]).acts[site].float())
+        for acts in _site_values(backend, site, images, batch_size):
+            z = sae.encode(acts.float())
             out["max"].append(z.amax(1))
             out["mean"].append(z.mean(1))
             out["cls"].append(z[:, 0])

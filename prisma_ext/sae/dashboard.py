@@ -22,26 +22,27 @@ from torch import Tensor
 
 from ..errors import InputError
 from .dictionary import SparseAutoencoder
-from .explain import direct_effect, latent_ablation, latent_activations, top_images
+from .explain import _site_values, direct_effect, firing_summary, latent_ablation, latent_activations, top_images
 
 
 def _scan(backend: Any, sae: SparseAutoencoder, site: str, images: Tensor, batch_size: int) -> dict[str, Any]:
     """One pass over the images: every latent's largest activation per image [N, d_sae], how
-    many tokens it fires on [d_sae], and the SAE's reconstruction quality at the site."""
+    many tokens it fires on [d_sae], and the SAE's reconstruction quality at the site (over all
+    the site's rows at once: explained variance is not an average of per-chunk ones)."""
     from .train import evaluate
 
-    peaks, fired, quality, rows = [], torch.zeros(sae.d_sae), [], 0
+    peaks, fired, flats = [], torch.zeros(sae.d_sae), []
     with torch.no_grad():
-        for x in images.split(batch_size):
-            acts = backend.run(x, read=[site]).acts[site].float()
+        for acts in _site_values(backend, site, images, batch_size):
+            acts = acts.float()
             z = sae.encode(acts)
             peaks.append(z.amax(1).cpu())
             fired += (z > 0).sum((0, 1)).cpu()
-            flat = acts.reshape(-1, acts.shape[-1])
-            quality.append((evaluate(sae, flat), len(flat)))
-            rows += len(flat)
-    return {"peaks": torch.cat(peaks), "frequency": fired / rows,
-            **{key: sum(q[key] * n for q, n in quality) / rows for key in ("explained_variance", "l0")}}
+            flats.append(acts.reshape(-1, acts.shape[-1]).cpu())
+        flat = torch.cat(flats)
+        quality = evaluate(sae, flat)
+    return {"peaks": torch.cat(peaks), "frequency": fired / len(flat),
+            "explained_variance": quality["explained_variance"], "l0": quality["l0"]}
 
 
 def pick_latents(peaks: Tensor, n: int) -> list[int]:
@@ -124,14 +125,15 @@ def build_dashboard(model: Any, sae: SparseAutoencoder, site: str, images: Tenso
     cfg, layout = backend.cfg, backend.layout
     pixels = _pixels(images, cfg)
     acts = latent_activations(model, sae, site, images, chosen, batch_size)
+    summary = firing_summary(acts)
     rows = []
-    for latent in chosen:
+    for j, latent in enumerate(chosen):
         label = names.get(latent, "")
         heading = f"latent {latent}" + (f" ({label})" if label else "")
-        column = acts.values[..., acts.coords["latent"].index(latent)]
+        column = acts.values[..., j]
         order, peak = top_images(acts, latent, n_top)
-        rows.append([latent, label, float((column > 0).float().mean()), float((column.amax(1) > 0).float().mean()),
-                     float(column[column > 0].mean()) if (column > 0).any() else 0.0])
+        rows.append([latent, label, float(summary["frequency"][j]), float(summary["image_frequency"][j]),
+                     float(summary["mean_active"][j])])
         page.section(f"latent-{latent}", heading)
         if not len(order):
             page.note("It does not fire on any of these images.", "skipped")

@@ -55,6 +55,11 @@ def prefix_mse(sae: SparseAutoencoder, x: Tensor, acts: Tensor, prefixes: tuple[
     return torch.stack(losses).mean()
 
 
+def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """The rectangle kernel K((pre - threshold) / bandwidth) / bandwidth of the pseudo-derivatives."""
+    return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
+
+
 class _Step(torch.autograd.Function):
     """H(pre - threshold) with the paper's pseudo-derivative for the threshold (none for pre)."""
 
@@ -67,7 +72,7 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         pre, threshold = ctx.saved_tensors
-        kernel = ((pre - threshold).abs() < ctx.bandwidth / 2).to(pre.dtype) / ctx.bandwidth
+        kernel = _rectangle(pre, threshold, ctx.bandwidth)
         return None, (-kernel * grad).sum(0), None
 
 
@@ -85,7 +90,7 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         pre, threshold = ctx.saved_tensors
         on = (pre > threshold).to(pre.dtype)
-        kernel = ((pre - threshold).abs() < ctx.bandwidth / 2).to(pre.dtype) / ctx.bandwidth
+        kernel = _rectangle(pre, threshold, ctx.bandwidth)
         return grad * on, (-threshold * kernel * grad).sum(0), None
 
 
