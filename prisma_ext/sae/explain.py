@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..analysis.common import check_batch
 from ..analysis.result import AnalysisResult
 from ..errors import InputError, PrismaError
 from .dictionary import SparseAutoencoder
@@ -30,12 +31,6 @@ def _latents(sae: SparseAutoencoder, latents: Any) -> list[int]:
     if bad or not ids:
         raise InputError(f"latents must be ints in [0, d_sae={sae.d_sae}), got {bad or latents!r}")
     return ids
-
-
-def _check_images(images: Any, method: str) -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4 or len(images) < 1:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise InputError(f"{method}: images must be a batch [N, 3, H, W], got {shape}")
 
 
 def _site_values(backend: Any, site: str, images: Tensor, batch_size: int) -> Any:
@@ -51,7 +46,7 @@ def latent_activations(model: Any, sae: SparseAutoencoder, site: str, images: Te
     (an int, a list, or None for all), as an AnalysisResult (`grid()`: the patch heatmaps)."""
     from ..analysis.backend import Backend
 
-    _check_images(images, "latent_activations")
+    check_batch(images, "latent_activations")
     ids = _latents(sae, latents)
     backend = Backend.of(model)
     index = torch.tensor(ids)
@@ -109,7 +104,7 @@ def direct_effect(model: Any, sae: SparseAutoencoder, latent: int, images: Tenso
         direction = direction - direction.mean()
     scale = 1.0
     if images is not None:
-        _check_images(images, "direct_effect")
+        check_batch(images, "direct_effect")
         final = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
         scales = [readout.final_scale(acts.float()) for acts in _site_values(backend, final, images, batch_size)]
         weights = readout.token_weights(backend.layout.n_tokens)
@@ -131,7 +126,7 @@ def latent_ablation(model: Any, sae: SparseAutoencoder, site: str, latent: int, 
     and editing `hook_sae_acts_post`."""
     from ..analysis.backend import Backend
 
-    _check_images(images, "latent_ablation")
+    check_batch(images, "latent_ablation")
     latent = _latents(sae, latent)[0]
     backend = Backend.of(model)
 
