@@ -63,6 +63,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "segmentation_scores": ("prisma_ext.analysis.segmentation", "segmentation_scores"),
     "high_norm_tokens": ("prisma_ext.analysis.high_norm", "high_norm_tokens"),
     "test_time_register": ("prisma_ext.analysis.high_norm", "test_time_register"),
+    "second_order_effects": ("prisma_ext.analysis.second_order", "second_order_effects"),
+    "neuron_texts": ("prisma_ext.analysis.second_order", "neuron_texts"),
+    "neuron_ablation": ("prisma_ext.analysis.neuron_ablation", "neuron_ablation"),
     "AnalysisResult": ("prisma_ext.analysis.result", "AnalysisResult"),
     "ResultSet": ("prisma_ext.analysis.result", "ResultSet"),
     # subpackages
@@ -95,8 +98,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .analysis.heads import head_patterns, head_statistics, readout_attention
     from .analysis.high_norm import high_norm_tokens, test_time_register
     from .analysis.lens import logit_lens
+    from .analysis.neuron_ablation import neuron_ablation
     from .analysis.patching import activation_patching, attribution_patching, image_text_patching
     from .analysis.result import AnalysisResult, ResultSet
+    from .analysis.second_order import neuron_texts, second_order_effects
     from .analysis.segmentation import segmentation_scores, zero_shot_segmentation
     from .analysis.targets import ClassProb, ClassTarget, FunctionTarget, ImageTextScore, LogitDiff
     from .analysis.text_span import text_span
