@@ -32,9 +32,11 @@ class SpanBasis:
     explained: Tensor
 
 
-def span_basis(outputs: Tensor, texts: Tensor, k: int, rtol: float = 1e-6) -> SpanBasis:
+def span_basis(outputs: Tensor, texts: Tensor, k: int, rtol: float = 1e-6, rank: int | None = None) -> SpanBasis:
     """The greedy TextSpan basis of one head: outputs [n_images, d] (the head's contributions),
-    texts [n_texts, d] (text embeddings; normalised to unit norm here), k picks.
+    texts [n_texts, d] (text embeddings; normalised to unit norm here), k picks. The texts are
+    first projected onto the head's output space: its first `rank` principal directions over
+    the images (None: every direction they span; the authors' code uses the first 80 of ViT-L).
 
     Stops early when the head's outputs are explained to `rtol` (nothing left to pick)."""
     if outputs.ndim != 2 or texts.ndim != 2 or outputs.shape[1] != texts.shape[1]:
@@ -47,7 +49,7 @@ def span_basis(outputs: Tensor, texts: Tensor, k: int, rtol: float = 1e-6) -> Sp
         return SpanBasis([], torch.zeros(0))
     # the head's output space over these images: the row space of C, as an orthonormal basis
     _, s, Vh = torch.linalg.svd(C, full_matrices=False)
-    V = Vh[s > s[0] * 1e-7].T  # [d, rank]
+    V = Vh[s > s[0] * 1e-7][:rank].T  # [d, rank]
     R = (R @ V) @ V.T
     chosen, explained = [], []
     for _ in range(min(k, R.shape[0])):
@@ -100,7 +102,8 @@ def _check_heads(heads: Any, n_layers: int, n_heads: int) -> list[tuple[int, int
 
 
 def text_span(clip: Any, images: Tensor, texts: Sequence[str], heads: Sequence[tuple[int, int]] | None = None,
-              k: int = 5, *, batch_size: int | None = None, progress: bool = False) -> TextSpanResult:
+              k: int = 5, *, rank: int | None = None, batch_size: int | None = None,
+              progress: bool = False) -> TextSpanResult:
     """The TextSpan basis of each head in `heads` ((layer, head) pairs; None: every head) from a
     bank of `texts`, over the heads' contributions to the image embeddings of `images`
     (`clip_decomposition`, final norm's scale frozen).
@@ -108,13 +111,17 @@ def text_span(clip: Any, images: Tensor, texts: Sequence[str], heads: Sequence[t
     Returns values [head, rank] (rank 1..k): the fraction of the head's variance over the images
     explained by its first `rank` texts; `meta["texts"]` [head][rank] the texts chosen in order,
     `meta["indices"]` their indices in `texts`. A head explained fully before k picks stops
-    there (its later entries are NaN, with no text). `to_dataframe()`: head, rank, text,
-    explained_variance. Texts longer than the text tower's context are refused, not truncated.
+    there (its later entries are NaN, with no text). `rank`: project the texts onto each head's
+    first `rank` principal directions over the images before the search (None: all of them).
+    `to_dataframe()`: head, rank, text, explained_variance. Texts longer than the text tower's
+    context are refused, not truncated.
     """
     method = "text_span"
     backend = clip_backend(clip, method)
     if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
         raise InputError(f"{method}: k (the basis size) must be a positive int, got {k!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, Integral) or rank < 1):
+        raise InputError(f"{method}: rank (principal directions kept) must be a positive int or None, got {rank!r}")
     cfg = backend.cfg
     pairs = _check_heads(heads, cfg.n_layers, cfg.n_heads)
     bank = text_embeddings(clip, texts, method)
@@ -126,11 +133,11 @@ def text_span(clip: Any, images: Tensor, texts: Sequence[str], heads: Sequence[t
     explained = per_head.new_full((len(pairs), k), float("nan"))
     chosen, indices = [], []
     for row, (layer, h) in enumerate(pairs):
-        basis = span_basis(per_head[:, layer, h], bank.to(per_head), k)
+        basis = span_basis(per_head[:, layer, h], bank.to(per_head), k, rank=rank)
         explained[row, : len(basis.indices)] = basis.explained
         indices.append(basis.indices)
         chosen.append([names[j] for j in basis.indices])
     meta = {"texts": chosen, "indices": indices, "heads": pairs, "k": k, "n_texts": len(names),
-            "n_images": int(images.shape[0]), "max_error": decomposition.meta["max_error"]}
+            "n_images": int(images.shape[0]), "rank": rank, "max_error": decomposition.meta["max_error"]}
     return TextSpanResult(method, explained, ("head", "rank"), decomposition.layout, None,
                           {"head": [f"L{layer}H{h}" for layer, h in pairs], "rank": list(range(1, k + 1))}, meta)

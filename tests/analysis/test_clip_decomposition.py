@@ -175,6 +175,18 @@ def test_text_span_recovers_a_head_built_from_three_texts():
     assert (basis.explained.diff() >= 0).all()
 
 
+def test_text_span_rank_keeps_only_the_first_principal_directions():
+    """A head varying strongly along one text and weakly along another: with rank=1 the texts are
+    projected onto its first principal direction only, so the search stops after the strong text."""
+    gen = torch.Generator().manual_seed(1)
+    bank = torch.nn.functional.normalize(torch.randn(20, 64, generator=gen), dim=-1)
+    coeffs = torch.randn(40, 2, generator=gen) * torch.tensor([5.0, 0.5])
+    outputs = coeffs @ bank[[7, 2]]
+    assert span_basis(outputs, bank, k=3).indices == [7, 2]
+    narrow = span_basis(outputs, bank, k=3, rank=1)
+    assert narrow.indices == [7] and float(narrow.explained[0]) < 0.999
+
+
 def test_text_span_on_a_model(shapes_clip):
     images = images_for(shapes_clip, n=8)
     bank = TEXTS + ["a yellow star", "a small shape", "a large shape", "a striped pattern"]
@@ -192,6 +204,9 @@ def test_text_span_on_a_model(shapes_clip):
     assert result.meta["texts"][0][0] == bank[int((centred @ text.T).pow(2).sum(0).argmax())]
     table = result.to_dataframe()
     assert list(table.columns) == ["head", "rank", "text", "explained_variance"] and len(table) == 6
+    assert px.text_span(shapes_clip, images, bank, heads=[(3, 0)], k=3, rank=2).meta["rank"] == 2
+    with pytest.raises(InputError, match="rank"):
+        px.text_span(shapes_clip, images, bank, heads=[(3, 0)], rank=0)
     assert table.iloc[0]["text"] == result.meta["texts"][0][0]
 
 
