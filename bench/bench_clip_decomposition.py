@@ -10,6 +10,10 @@
    The text embeddings are computed once beforehand and not timed (encoding 3,000 prompts
    through a ViT-B text tower is a separate cost, shown too): the target is the search itself.
 
+3. `px.second_order_effects(clip, image, layer)` for every neuron of block 0 (the most later
+   layers: the worst case) and of the last-but-one block, on one image, against one forward
+   (medians, alternating). No target: the issue sets none; recorded in docs/benchmarks.md.
+
 Random weights (no download); 2 CPU threads by default.
 """
 
@@ -71,6 +75,16 @@ def main() -> int:
     print(f"2. TextSpan, {n_heads} heads x {args.texts} texts, k=5, over {args.images} images: {span_s:.2f} s "
           f"(target <= {SPAN_TARGET_S} s: {'met' if ok_span else 'NOT met'}); encoding the texts once: "
           f"{encode_s:.1f} s")
+
+    n_layers = cfg.n_layers
+    with torch.no_grad():
+        times = interleaved({"block 0": lambda: px.second_order_effects(clip, image, 0),
+                             f"block {n_layers - 2}": lambda: px.second_order_effects(clip, image, n_layers - 2),
+                             "forward": lambda: clip.encode_image(image)}, args.rounds)
+    shown = ", ".join(f"{name} {t:.3f} s ({t / times['forward']:.1f}x)" for name, t in times.items()
+                      if name != "forward")
+    print(f"3. second-order effects of all {cfg.d_mlp} neurons of one block, one image: {shown}; "
+          f"forward {times['forward']:.3f} s (no target)")
     return 0 if ok and ok_span else 1
 
 

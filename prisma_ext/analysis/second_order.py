@@ -110,7 +110,8 @@ class _Paths:
                 u = u * block.ln1.w.detach().to(D)
             attn = block.attn
             through_v = torch.einsum("nd,hdz->hnz", u, attn.W_V.detach().to(D))
-            self.maps[i] = torch.einsum("hnz,hzm,em->hne", through_v, attn.W_O.detach().to(D), D)
+            to_embed = torch.einsum("hzm,em->hze", attn.W_O.detach().to(D), D)  # contracted first: cheaper
+            self.maps[i] = torch.bmm(through_v, to_embed)  # [head, n, embed]
 
 
 def second_order_effects(clip: Any, images: Tensor, layer: int, neurons: Sequence[int] | None = None, *,

@@ -118,3 +118,37 @@ def test_bad_inputs(models):
 
     with pytest.raises(MissingSiteError, match="mlp.hook_post"):
         px.high_norm_tokens(NoMLP(clean, clean), images)
+
+
+def planted_timm():
+    """A small random timm ViT with a register-like neuron planted in block 0 (it fires on the
+    patches 2 and 9, whose position embeddings carry the signal it reads)."""
+    from tests.support.models import small_timm
+
+    src = small_timm("plain", seed=3)
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(src.embed_dim, generator=gen)
+    u = (u - u.mean()) / (u - u.mean()).norm()
+    with torch.no_grad():
+        for p in (2, 9):
+            src.pos_embed[0, 1 + p] += 30 * u
+        src.blocks[0].norm2.weight.fill_(1.0)
+        src.blocks[0].norm2.bias.zero_()
+        src.blocks[0].mlp.fc1.weight[5] = 20 * u
+        src.blocks[0].mlp.fc1.bias[5] = -60.0
+        src.blocks[0].mlp.fc2.weight[:, 5] = 3 * torch.randn(src.embed_dim, generator=gen)
+    return src
+
+
+def test_high_norm_tokens_on_nnsight_equal_tl():
+    from tests.support.models import images_for
+
+    src = planted_timm()
+    images = images_for(src, batch=3)
+    tl, traced = px.load(src), px.load(src, backend="nnsight")
+    want, got = px.high_norm_tokens(tl, images), px.high_norm_tokens(traced, images)
+    assert got.meta["backend"] == "nnsight" and want.meta["layer"] == got.meta["layer"] == 0
+    assert got.part("outliers").values[:, 0, 1:].nonzero()[:, 1].unique().tolist() == [2, 9]
+    assert got.meta["neurons"][0] == 5 and got.meta["neurons"] == want.meta["neurons"]
+    torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.part("neurons").values, want.part("neurons").values, atol=1e-5, rtol=1e-5)
