@@ -1,10 +1,12 @@
 """One interface to a model on either backend, for the analysis methods.
 
-`Backend.of(model)` takes a HookedViT or HookedCLIP (TransformerLens backend) or a TracedViT
-(nnsight backend), dispatching on the model's type, and offers:
+`Backend.of(model)` takes a HookedViT or HookedCLIP (TransformerLens backend) or a TracedViT or
+TracedCLIP (nnsight backend; a CLIP's vision tower, `clip_backend`), dispatching on the model's
+type, and offers:
 - `run(images, read=..., edit=..., grad_of=...)`: one forward pass that reads sites (TL names,
   TL layouts), replaces some (`edit[name](value) -> new value`) and, given a scalar function of
-  the output, the gradient of that scalar at each read site;
+  the output, the gradient of that scalar at each read site (an edit function with the
+  attribute `changes_tokens = True` may return another number of tokens: an appended register);
 - `evaluate(images, target, ...)`: a run that also scores a target (`targets.Target`);
 - `restart(resid, layer, edits, rows)`: the rest of a forward pass from a layer's residual stream
   (what patching reruns after a patch), on the backends that can (`can_restart`);
@@ -289,12 +291,14 @@ class TextBackend(TLBackend):
 
 
 class NNsightBackend(Backend):
-    """A TracedViT: the original module, traced by nnsight."""
+    """A TracedViT (or a CLIP vision tower traced on its own): the original module, traced by
+    nnsight; `vit` (default: `weights_copy(model)`) holds its weights. Subclasses say how a trace
+    opens (`_open`), what its output is (`_output`) and where a site name lives (`_full`)."""
 
     kind = "nnsight"
 
-    def __init__(self, model):
-        super().__init__(model, weights_copy(model))
+    def __init__(self, model, vit=None):
+        super().__init__(model, vit if vit is not None else weights_copy(model))
 
     @property
     def root(self) -> torch.nn.Module:
@@ -303,6 +307,19 @@ class NNsightBackend(Backend):
     @property
     def site_names(self) -> list[str]:
         return list(self.model.site_names)
+
+    def _full(self, name: str) -> str:
+        """The model's site name for a name `run` takes."""
+        return name
+
+    def _open(self, images: Tensor):
+        """The trace of one forward pass on `images`."""
+        return self.model.trace(images)
+
+    def _output(self, tracer, seen: dict[str, Tensor]) -> Tensor:
+        """Inside the trace, after the sites `seen` (name -> value, edited) were read: the output
+        tensor the analysis reads."""
+        return _tensor_output(self.model, self.model.output)
 
     def run(self, images, read=(), edit=None, grad_of=None) -> Run:
         from nnsight import save
@@ -314,25 +331,27 @@ class NNsightBackend(Backend):
         images = _grad_leaf(images, grad_of)
         with self.running(grad=grad_of is not None), \
                 torch.set_grad_enabled(grad_of is not None or torch.is_grad_enabled()):
-            with model.trace(images):
-                acts = save({})
-                model.prepare(names)
+            with self._open(images) as tracer:
+                acts, seen = save({}), {}
+                model.prepare([self._full(n) for n in names])
                 for name in names:
-                    value = model.site(name)
+                    value = model.site(self._full(name))
                     if name in edit:
                         value = edit[name](value)
-                        model.set_site(name, value)
+                        model.set_site(self._full(name), value,
+                                       tokens_change=getattr(edit[name], "changes_tokens", False))
+                    seen[name] = value
                     if name in read:
                         acts[name] = value
-                output = save(_tensor_output(model, model.output))
+                output = save(self._output(tracer, seen))
             grads = _grads(grad_of(output), acts) if grad_of is not None else {}
         return Run(output, dict(acts), grads)
 
-
     def _mapped(self, names: list[str]) -> list[str]:
         """The sites in forward order; MissingSiteError naming those the site map leaves out."""
-        mapped = set(self.model.site_names)
-        missing = [n for n in dict.fromkeys(names) if n not in mapped]
+        mapped = self.site_names
+        known = set(mapped)
+        missing = [n for n in dict.fromkeys(names) if n not in known]
         if missing:
             shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             adapter = getattr(self.model.adapter, "name", type(self.model.adapter).__name__)
@@ -340,7 +359,8 @@ class NNsightBackend(Backend):
                 f"it reads {shown}, which the site map of {type(self.model._module).__name__} (adapter {adapter!r}) "
                 "does not map on the nnsight backend; the adapter can map them in its site_map "
                 "(docs/adapters.md), or load the model with backend='tl'", missing)
-        return self.model.select_sites(names)
+        order = {n: i for i, n in enumerate(mapped)}
+        return sorted(dict.fromkeys(names), key=order.__getitem__)
 
 
 def _tensor_output(model, output):
@@ -373,17 +393,16 @@ def weights_copy(model):
     return vit
 
 
-def _refuse_traced_clip(model) -> Backend:
-    raise PrismaError(
-        f"the analysis methods take a traced ViT on the nnsight backend; for a CLIP model "
-        f"({type(model).__name__}) load it with backend='tl', or trace its sites yourself with "
-        "model.site('visual.blocks.0.hook_resid_post') inside model.trace(...)")
+def _traced_clip(model) -> Backend:
+    from .clip_backend import traced_clip_backend
+
+    return traced_clip_backend(model)
 
 
 # (module, class, backend factory), tried in order; a module not yet imported is skipped
 _KINDS: list[tuple[str, str, Callable[[Any], Backend]]] = [
     ("prisma_ext.hooked.vit", "HookedViT", lambda m: TLBackend(m, m)),
     ("prisma_ext.hooked.clip", "HookedCLIP", lambda m: TLBackend(m, m.visual)),
-    ("prisma_ext.traced.clip", "TracedCLIP", _refuse_traced_clip),
+    ("prisma_ext.traced.clip", "TracedCLIP", _traced_clip),
     ("prisma_ext.traced.model", "TracedViT", NNsightBackend),
 ]

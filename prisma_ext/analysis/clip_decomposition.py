@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError, MissingSiteError, PrismaError, check_identity
-from .backend import TLBackend
+from .backend import Backend
 from .common import NO_TARGET, in_chunks, layout_for
 from .result import AnalysisResult
 
@@ -27,18 +27,14 @@ PARTS = ("token", "attn_bias", "mlp", "embedding", "constant")
 
 
 # ---------------------------------------------------------------------- the model
-def clip_backend(clip: Any, method: str) -> TLBackend:
-    """The vision tower of a HookedCLIP as a TL backend whose output is the image embedding;
+def clip_backend(clip: Any, method: str) -> Backend:
+    """The vision tower of a CLIP as a backend whose output is the image embedding: a
+    HookedCLIP's (TL backend) or a TracedCLIP's (nnsight backend, `clip_backend.TracedCLIPBackend`);
     refuses any other model and towers the decomposition cannot split."""
-    from ..hooked.clip import HookedCLIP
+    from .clip_backend import embedding_backend
 
-    if not isinstance(clip, HookedCLIP):
-        traced = type(clip).__name__.startswith(("TracedCLIP", "RemoteTracedCLIP"))
-        hint = (" (a traced CLIP: load it with px.load(..., backend='tl'))" if traced else
-                " (a CLIP model from px.load('open_clip:...'), px.load('hf:...') or px.load('builtin:shapes-clip'))")
-        raise InputError(f"{method} splits a CLIP image embedding and needs a HookedCLIP{hint}, "
-                         f"got {type(clip).__name__}")
-    vit = clip.visual
+    backend = embedding_backend(clip, method)
+    vit = backend.vit
     cfg = vit.cfg
     if not cfg.d_proj or getattr(vit, "proj", None) is None:
         raise PrismaError(f"{method}: this CLIP's vision tower has no image projection to split through")
@@ -51,7 +47,7 @@ def clip_backend(clip: Any, method: str) -> TLBackend:
     if cfg.attn_norm:
         raise PrismaError(f"{method}: this tower normalises the heads' outputs together before the output "
                           "projection (scale_attn_norm), so a head's write is not its own")
-    return TLBackend(clip, vit, return_type="embeds")
+    return backend
 
 
 def _sites(n_layers: int, tokens: bool) -> list[str]:
@@ -63,7 +59,7 @@ def _sites(n_layers: int, tokens: bool) -> list[str]:
     return sites
 
 
-def _require_sites(backend: TLBackend, sites: list[str], method: str) -> None:
+def _require_sites(backend: Backend, sites: list[str], method: str) -> None:
     have = set(backend.site_names)
     missing = [s for s in sites if s not in have]
     if missing:
@@ -72,7 +68,7 @@ def _require_sites(backend: TLBackend, sites: list[str], method: str) -> None:
                                "tower): the decomposition needs every block's attention and MLP sites", missing)
 
 
-def _readout_map(backend: TLBackend) -> tuple[Tensor, Tensor]:
+def _readout_map(backend: Backend) -> tuple[Tensor, Tensor]:
     """(D [d_embed, d_model], const [d_embed]): a vector x of the final residual stream at one
     token, centred and divided by its frozen scale, adds (x / scale) @ D.T to the embedding
     (times the token's pooling weight); const is the projection's bias plus the norm's bias
@@ -127,7 +123,7 @@ def total_of(result: AnalysisResult) -> Tensor:
             + result.part("embedding").values + result.part("constant").values)
 
 
-def _decompose(backend: TLBackend, images: Tensor, tokens: bool) -> AnalysisResult:
+def _decompose(backend: Backend, images: Tensor, tokens: bool) -> AnalysisResult:
     vit, cfg = backend.vit, backend.cfg
     n_layers = cfg.n_layers
     with torch.no_grad():

@@ -47,18 +47,21 @@ def mean_ablated(decomposition: AnalysisResult, heads: Tensor | None = None,
 
 
 def _classifier(clip: Any, class_names: Sequence[str] | None, templates: Sequence | None,
-                method: str) -> tuple[Tensor, Tensor, list[str]]:
+                method: str, tower: Any = None) -> tuple[Tensor, Tensor, list[str]]:
     """Class text embeddings [n_classes, embed], a bias [n_classes] and the names:
     `clip.zero_shot_classifier` of the given classes (no bias), or (no classes given) the head
-    the vision tower has installed (`use_zero_shot_head`)."""
+    the vision tower has installed (`use_zero_shot_head`; `tower`: the vision tower's HookedViT,
+    by default `clip_backend(clip, method).vit`, which on a TracedCLIP carries its head)."""
     if class_names is None:
         if templates is not None:
             raise InputError(f"{method}: templates given without class_names")
-        names = clip.visual.class_names
-        if not names or getattr(clip.visual, "head", None) is None:
+        if tower is None:
+            tower = clip_backend(clip, method).vit
+        names = tower.class_names
+        if not names or getattr(tower, "head", None) is None:
             raise InputError(f"{method}: give class_names (and templates), or install a zero-shot head first "
                              "(clip.use_zero_shot_head(...) or zoo.use_zero_shot_head(clip))")
-        head = clip.visual.head
+        head = tower.head
         bias = head.bias.detach() if head.bias is not None else head.weight.new_zeros(head.weight.shape[0])
         return head.weight.detach(), bias, list(names)
     if isinstance(class_names, str) or not isinstance(class_names, Sequence) or not class_names:
@@ -83,8 +86,8 @@ def head_ablation(clip: Any, images: Tensor, labels: Any, class_names: Sequence[
     """
     method = "head_ablation"
     check_batch(images, method)
-    clip_backend(clip, method)
-    classifier, class_bias, names = _classifier(clip, class_names, templates, method)
+    tower = clip_backend(clip, method).vit
+    classifier, class_bias, names = _classifier(clip, class_names, templates, method, tower)
     picks = _labels(labels, images.shape[0], len(names), method)
     decomposition = clip_decomposition(clip, images, tokens=False, batch_size=batch_size)
     classifier, class_bias = classifier.to(decomposition.values), class_bias.to(decomposition.values)

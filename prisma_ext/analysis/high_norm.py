@@ -158,13 +158,15 @@ def test_time_register(model: Any, images: Tensor, neurons: Sequence[int] | Anal
     `blocks.{layer}.mlp.hook_post`, for each neuron n: the register's activation is set to the
     maximum of n's activation over the patch tokens, and the patch tokens' activation of n is
     zeroed (prefix tokens keep theirs). Until the register holds the moved activations (blocks
-    0..layer) its key is masked (-inf at `attn.hook_attn_scores`), so the model is exactly
-    unchanged up to that MLP; after it, every token attends to the register as to any token.
+    0..layer) its key is masked (at `attn.hook_pattern`, each query's weights renormalised over
+    the other keys: the softmax with the register's score at -inf), so the model is unchanged up
+    to that MLP; after it, every token attends to the register as to any token.
     Nothing in the weights changes.
 
     `neurons`: neuron indices at `layer`, or a `high_norm_tokens` result (its top neurons and
-    layer; `layer`, if given, must agree). TL backend only (HookedViT, a HookedCLIP's vision
-    tower), and not rotary models (the appended token has no position to rotate by).
+    layer; `layer`, if given, must agree). Either backend (on nnsight the source's blocks must
+    accept one more token, as timm's, open_clip's and Hugging Face's do); not rotary models (the
+    appended token has no position to rotate by).
 
     Returns values [batch, layer, token] (norms after, the register dropped) with parts
     "norms_before" (same axes), "attention_before"/"attention_after" [batch, layer, head, patch]
@@ -181,9 +183,6 @@ def test_time_register(model: Any, images: Tensor, neurons: Sequence[int] | Anal
         if layer is not None and layer != found:
             raise InputError(f"{method}: layer={layer} but the result's neurons are at layer {found}")
         neurons, layer = list(neurons.meta["neurons"]), found
-    if backend.kind != "tl":
-        raise InputError(f"{method}: needs the TL backend (a HookedViT or HookedCLIP), got the {backend.kind} "
-                         "backend; load the model with backend='tl'")
     cfg = backend.cfg
     if getattr(cfg, "rotary", "none") != "none":
         raise InputError(f"{method}: a rotary model has no position for an appended token")
@@ -213,20 +212,21 @@ def test_time_register(model: Any, images: Tensor, neurons: Sequence[int] | Anal
         value[:, patch.start:patch.stop, sel] = 0
         return value
 
-    def mask(value: Tensor) -> Tensor:  # scores [batch, head, query, key]: no query reads the empty register
-        value = value.clone()
-        value[..., -1] = float("-inf")
-        return value
+    def mask(value: Tensor) -> Tensor:  # pattern [batch, head, query, key]: no query reads the empty register
+        kept = value[..., :-1] / (1 - value[..., -1:])  # = the softmax with the register's score at -inf
+        return torch.cat([kept, torch.zeros_like(value[..., -1:])], -1)
 
     def drop(value: Tensor) -> Tensor:
         kept[last] = value
         return value[:, :-1]
 
+    append.changes_tokens = drop.changes_tokens = True  # the nnsight backend lets these two resize a site
+
     with torch.no_grad():
         before = backend.run(images, read=[*posts, *patterns])
         after = backend.run(images, read=[*posts, *patterns],
                             edit={"blocks.0.hook_resid_pre": append, f"blocks.{layer}.mlp.hook_post": move, last: drop,
-                                  **{f"blocks.{i}.attn.hook_attn_scores": mask for i in range(layer + 1)}})
+                                  **{f"blocks.{i}.attn.hook_pattern": mask for i in range(layer + 1)}})
         after.acts[last] = kept[last]
         weights = backend.readout.query_weights(before.acts[last]).float()  # [batch, pos]
         norms_before = torch.stack([before.acts[s].float().norm(dim=-1) for s in posts], 1)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError, PrismaError, check_identity
-from .backend import TLBackend
+from .backend import Backend
 from .clip_decomposition import _readout_map, _require_sites, clip_backend, text_embeddings
 from .common import NO_TARGET, in_chunks, layout_for
 from .result import AnalysisResult
@@ -95,7 +95,7 @@ class _Paths:
     """Per later layer, each neuron's path to the embedding through each head's values:
     M[l'] [head, neuron, embed] = (w * centre(W_out[n])) @ W_V[h] @ W_O[h] @ D^T."""
 
-    def __init__(self, backend: TLBackend, layer: int, neurons: list[int]):
+    def __init__(self, backend: Backend, layer: int, neurons: list[int]):
         vit = backend.vit
         D, _ = _readout_map(backend)
         self.D = D
@@ -148,7 +148,7 @@ def second_order_effects(clip: Any, images: Tensor, layer: int, neurons: Sequenc
     return result
 
 
-def _pooled_weights(backend: TLBackend, acts: dict[str, Tensor], D: Tensor) -> tuple[Tensor, Tensor]:
+def _pooled_weights(backend: Backend, acts: dict[str, Tensor], D: Tensor) -> tuple[Tensor, Tensor]:
     """(c [batch, q], queries [q]): the readout's pooled tokens and what a unit write at each
     counts in the embedding, the final norm's scale frozen at its clean value."""
     final = acts[f"blocks.{backend.cfg.n_layers - 1}.hook_resid_post"].to(D)
@@ -157,7 +157,7 @@ def _pooled_weights(backend: TLBackend, acts: dict[str, Tensor], D: Tensor) -> t
     return weights[queries] / backend.readout.final_scale(final)[:, queries, 0], queries
 
 
-def linear_effects(backend: TLBackend, acts: dict[str, Tensor], act: Tensor, paths: _Paths) -> tuple[Tensor, Tensor]:
+def linear_effects(backend: Backend, acts: dict[str, Tensor], act: Tensor, paths: _Paths) -> tuple[Tensor, Tensor]:
     """(first [batch, n, embed], by_layer [batch, n, later, embed]) of activations `act`
     [batch, pos, n] of the paths' neurons, with the patterns and scales of the run `acts`
     (read at `_sites`): both linear in `act`."""
@@ -174,7 +174,7 @@ def linear_effects(backend: TLBackend, acts: dict[str, Tensor], act: Tensor, pat
     return first, torch.stack(by_layer, 2)
 
 
-def _effects(backend: TLBackend, images: Tensor, layer: int, neurons: list[int], paths: _Paths,
+def _effects(backend: Backend, images: Tensor, layer: int, neurons: list[int], paths: _Paths,
              per_layer: bool) -> AnalysisResult:
     with torch.no_grad():
         acts = backend.run(images, read=_sites(layer, backend.cfg.n_layers)).acts
@@ -199,7 +199,7 @@ def _effects(backend: TLBackend, images: Tensor, layer: int, neurons: list[int],
                           coords, meta, parts)
 
 
-def _check(backend: TLBackend, images: Tensor, acts: dict[str, Tensor], layer: int, neurons: list[int],
+def _check(backend: Backend, images: Tensor, acts: dict[str, Tensor], layer: int, neurons: list[int],
            c: Tensor, queries: Tensor, want: Tensor) -> Tensor:
     """The per-layer effects summed over the neurons, `want` [batch, later, embed], against the
     model's own attention: each later layer's values recomputed (its qkv) from its norm's input

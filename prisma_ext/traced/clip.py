@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PrismaError
+from .clip_encoders import ClipEncoders
 from .clip_inputs import ClipInputs, ScalarSafeBatcher, check_tokens
 from .model import NameFilter, TracedModel
 
@@ -29,13 +30,15 @@ CLIP_NOT_MAPPED = {
 }
 
 
-class TracedCLIP(TracedModel):
+class TracedCLIP(ClipEncoders, TracedModel):
     """A CLIP model (both towers, or a vision tower alone) traced by nnsight.
 
     `site(name)` / `set_site(name, value)` take HookedCLIP's names (`visual.…`, `text.…`);
     `cfg` is the image tower's `ViTConfig`, `text_cfg` the text tower's `TextConfig` (None
     for a vision-only model). Several invokes batch: each passes images, token ids or both (as
     many of each: they are pairs), with the same shapes apart from the batch size.
+    `tokenize`, `encode_image`, `encode_text`, `zero_shot_classifier` and `use_zero_shot_head`
+    are HookedCLIP's (`clip_encoders`), each encoder one trace of the source's own tower.
     """
 
     _PX_DERIVED = TracedModel._PX_DERIVED + ("_px_text_config", "_px_inputs")
@@ -49,6 +52,11 @@ class TracedCLIP(TracedModel):
             self._px_prefixes = {"visual": ""}
         self._px_text_config = adapter.text_config(module) if "text" in self._px_prefixes else None
         self._px_inputs = ClipInputs(module, self._check_images, self._check_tokens if self._px_text_config else None)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_px_tokenizer", None)  # possibly a factory (a closure); rebuilt on first use
+        return state
 
     @property
     def text_cfg(self) -> Any:

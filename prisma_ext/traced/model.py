@@ -198,16 +198,21 @@ class TracedModel(NNsight):
                     "later site was read. An adapter maps such a site with Site(..., copy=True), which reads a "
                     "copy")
 
-    def set_site(self, name: str, value: Tensor) -> None:
+    def set_site(self, name: str, value: Tensor, *, tokens_change: bool = False) -> None:
         """Replace site `name`'s value (inside a trace); `value` in TL layout, broadcastable to
-        the site's shape (e.g. one [d_model] vector for every token)."""
+        the site's shape (e.g. one [d_model] vector for every token). `tokens_change=True` lets a
+        [batch, pos, ...] site take a value with another number of tokens (an appended register
+        token, say), where the modules after it accept one; an in-place site cannot."""
         site = self._lookup(name)
         envoy = self._enter(name, site)
         named = site.port not in ("output", "input")  # a value a swapped forward serves
         location = f"{envoy.path}.{site.port}"
         raw = Mediator.value(location) if named else getattr(envoy, site.port)
         current = site.view.read(raw)
-        value = _conform(name, site, value, current)
+        if tokens_change:
+            value = _conform_tokens(name, site, value, current)
+        else:
+            value = _conform(name, site, value, current)
         if site.in_place:
             current.copy_(value)
             self._px_note_own_write(current)
@@ -356,3 +361,17 @@ def _conform(name: str, site: Site, value: Any, current: Tensor) -> Tensor:
     except RuntimeError:
         raise InputError(f"set_site({name!r}, ...): the site is {site.shape} = "
                          f"{tuple(current.shape)} here, got {tuple(value.shape)}") from None
+
+
+def _conform_tokens(name: str, site: Site, value: Any, current: Tensor) -> Tensor:
+    """`value` [batch, any pos, ...] on the site's device and dtype, or InputError: the site's
+    shape apart from its token axis (1), and not an in-place site."""
+    if site.in_place:
+        raise InputError(f"set_site({name!r}, ..., tokens_change=True): this site is the module's own tensor, "
+                         "changed in place, so its number of tokens cannot change; edit another site")
+    if not isinstance(value, Tensor) or value.ndim != current.ndim or current.ndim < 2 \
+            or value.shape[:1] + value.shape[2:] != current.shape[:1] + current.shape[2:]:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise InputError(f"set_site({name!r}, ..., tokens_change=True): the site is {site.shape} = "
+                         f"{tuple(current.shape)} here; a value may change only axis 1 (the tokens), got {shape}")
+    return value.to(device=current.device, dtype=current.dtype)

@@ -152,3 +152,28 @@ def test_high_norm_tokens_on_nnsight_equal_tl():
     assert got.meta["neurons"][0] == 5 and got.meta["neurons"] == want.meta["neurons"]
     torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.part("neurons").values, want.part("neurons").values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["timm", "open_clip", "hf"])
+def test_test_time_register_on_nnsight_equals_tl(source):
+    """The register appended, masked and dropped through nnsight (set_site with tokens_change)
+    on a traced timm ViT (planted), open_clip CLIP and Hugging Face CLIP: every number equal to
+    the TL backend's."""
+    from tests.support.clip_models import small_hf_clip, small_open_clip
+    from tests.support.models import images_for
+
+    src = {"timm": planted_timm, "open_clip": lambda: small_open_clip("ViT-B-16", seed=3),
+           "hf": lambda: small_hf_clip(seed=1)}[source]()
+    tl, traced = px.load(src), px.load(src, backend="nnsight")
+    cfg = Backend.of(tl).cfg
+    images = images_for(src, batch=2) if source == "timm" else torch.randn(2, 3, *cfg.img_size)
+    neurons, layer = ([5], 0) if source == "timm" else ([1, 4], 0)
+    want = px.test_time_register(tl, images, neurons, layer=layer)
+    got = px.test_time_register(traced, images, neurons, layer=layer)
+    assert got.meta["backend"] == "nnsight"
+    assert want.meta["max_output_change"] > 1e-3  # the move at block 0 changes the output: a real comparison
+    torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=0)
+    for name in ("norms_before", "attention_before", "attention_after", "register_attention"):
+        torch.testing.assert_close(got.part(name).values, want.part(name).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.meta["output_after"], want.meta["output_after"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.meta["register_norm"], want.meta["register_norm"], atol=1e-5, rtol=0)

@@ -206,3 +206,23 @@ def test_bad_input(shapes_clip, random_clip):
         px.neuron_ablation(shapes_clip, images[:1], [0], ["a", "b"])
     with pytest.raises(InputError, match="labels"):
         px.neuron_ablation(shapes_clip, images, [0], ["a", "b"])
+
+
+@pytest.mark.parametrize("source", ["open_clip", "hf"])
+def test_on_a_traced_clip_equal_tl(source):
+    """The same effects, texts and ablation table from the source traced by nnsight."""
+    from tests.support.clip_models import small_hf_clip
+
+    src = small_open_clip("ViT-B-16", seed=5) if source == "open_clip" else small_hf_clip(seed=2)
+    tl, traced = px.load(src), px.load(src, backend="nnsight")
+    images = images_for(tl, n=4)
+    want = px.second_order_effects(tl, images, 0, NEURONS, per_layer=True)
+    got = px.second_order_effects(traced, images, 0, NEURONS, per_layer=True)
+    assert got.meta["backend"] == "nnsight" and float(want.values.abs().max()) > 1e-3
+    for name in (None, "first_order", "by_layer"):
+        a, b = (r if name is None else r.part(name) for r in (got, want))
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
+    names = ["a cat", "a dog", "a car"]
+    ablated = [px.neuron_ablation(m, images, [0, 1, 2, 0], names, ["{}"]) for m in (traced, tl)]
+    assert ablated[0].values.tolist() == ablated[1].values.tolist()
+    assert ablated[0].meta["predicted_cosine"] == pytest.approx(ablated[1].meta["predicted_cosine"], abs=1e-5)

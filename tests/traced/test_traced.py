@@ -136,6 +136,34 @@ def test_set_site_broadcasts_and_checks_shapes():
             traced.set_site("blocks.0.hook_resid_post", torch.zeros(5, 7))
 
 
+def test_set_site_with_tokens_change_takes_another_token_count():
+    """tokens_change=True: an appended token reaches the next block (equal to the same append done
+    with a torch hook); without it the same value is refused; only axis 1 may change."""
+    src, _, traced = load_both("plain")
+    x = images_for(src)
+    with torch.no_grad():
+        with traced.trace(x):
+            resid = traced.site("blocks.0.hook_resid_post")
+            longer = torch.cat([resid, resid[:, :1] * 2], 1)
+            traced.set_site("blocks.0.hook_resid_post", longer, tokens_change=True)
+            seen = traced.site("blocks.1.hook_resid_post").save()
+        handle = src.blocks[0].register_forward_hook(lambda mod, args, out: torch.cat([out, out[:, :1] * 2], 1))
+        try:
+            want = src.blocks[1](src.blocks[0](src.norm_pre(src._pos_embed(src.patch_embed(x)))))
+        finally:
+            handle.remove()
+    assert seen.shape[1] == want.shape[1] == src.patch_embed.num_patches + 2
+    torch.testing.assert_close(seen, want, atol=ATOL, rtol=0)
+    with pytest.raises(InputError, match="here, got"):
+        with traced.trace(x):
+            resid = traced.site("blocks.0.hook_resid_post")
+            traced.set_site("blocks.0.hook_resid_post", torch.cat([resid, resid[:, :1]], 1))
+    with pytest.raises(InputError, match="only axis 1"):
+        with traced.trace(x):
+            resid = traced.site("blocks.0.hook_resid_post")
+            traced.set_site("blocks.0.hook_resid_post", resid[..., :-1], tokens_change=True)
+
+
 # ---------------------------------------------------------------- several invokes
 def test_clean_corrupted_patching_equals_torch_hooks():
     src = small_timm("dinov2_reg4", seed=5)

@@ -1,0 +1,123 @@
+"""The nnsight backend of a TracedCLIP: its vision tower, as `TLBackend(clip, clip.visual)` is a
+HookedCLIP's on the TL backend.
+
+Methods read and edit the tower's sites by their unprefixed names (`blocks.3.hook_resid_post` is
+the TracedCLIP's `visual.blocks.3.hook_resid_post`). Each run is one trace of the source's own
+image encoder (open_clip `encode_image`, Hugging Face `get_image_features`), so the text tower
+does not run. The output is the image embedding [batch, d_proj] (site `hook_image_embed`), or,
+once `clip.use_zero_shot_head(...)` installed class embeddings, the zero-shot logits
+[batch, n_classes] = embed @ classes.T that a HookedCLIP's `visual` gives with the same head.
+Weight-level quantities (W_O, the readout, the projection) come from an unprocessed conversion
+of the tower (`tower_copy`) carrying the same head.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import InputError, PrismaError
+from .backend import Backend, NNsightBackend, TLBackend, weights_copy
+
+OUTPUT = "hook_image_embed"
+RETURN_TYPES = ("logits", "embeds")
+
+
+class TracedCLIPBackend(NNsightBackend):
+    """A TracedCLIP's vision tower (see the module docstring). `return_type`: "logits" (the
+    zero-shot logits once a head is installed, else the embedding) or "embeds"."""
+
+    def __init__(self, model: Any, return_type: str = "logits"):
+        if return_type not in RETURN_TYPES:
+            raise PrismaError(f"return_type must be one of {RETURN_TYPES} on a traced CLIP, got {return_type!r}")
+        check_local(model)
+        self.head = model.zero_shot_head
+        super().__init__(model, tower_copy(model, self.head))
+        self.return_type = return_type
+        self.prefix = model.towers["visual"]
+
+    @property
+    def embeds(self) -> bool:
+        """Whether the output is the image embedding (no head, or return_type="embeds")."""
+        return self.return_type == "embeds" or self.head is None
+
+    @property
+    def output_site(self) -> str | None:
+        return OUTPUT if self.embeds else None
+
+    @property
+    def site_names(self) -> list[str]:
+        n = len(self.prefix)
+        return [name[n:] for name in self.model.site_names if self.model.tower_of(name) == "visual"]
+
+    def _full(self, name: str) -> str:
+        return self.prefix + name
+
+    def _mapped(self, names: list[str]) -> list[str]:
+        return super()._mapped([*names, OUTPUT])  # the output is read at its site
+
+    def _open(self, images: Tensor):
+        model = self.model
+        return model.trace(fn=model.encoder("visual"), **model.tower_inputs("visual", images))
+
+    def _output(self, tracer, seen: dict[str, Tensor]) -> Tensor:
+        embed = seen[OUTPUT]  # [batch, d_proj], after any edit of it
+        return embed if self.embeds else F.linear(embed, self.head.weight.to(embed))
+
+
+def check_local(model: Any) -> None:
+    """PrismaError for a model whose traces run remotely or whose weights are not here."""
+    remote = model.__dict__.get("default_remote")
+    if remote:
+        raise PrismaError(
+            f"{type(model).__name__} runs its traces remotely (remote={remote!r}); the analysis methods trace "
+            "here and read weights (W_O, the projection) locally, so they need the model loaded with "
+            "backend='nnsight' and no remote= (or backend='tl')")
+    if any(p.is_meta for p in model._module.parameters()):
+        raise PrismaError(f"{type(model).__name__} holds no weights here (meta device): the analysis methods "
+                          "need real weights; load it with backend='nnsight' and no remote=")
+
+
+def tower_copy(model: Any, head: Any):
+    """The vision tower's HookedViT (`weights_copy`, cached) with `head` (a `ZeroShotHead` or
+    None) as its unembedding, as `use_zero_shot_head` sets it on a HookedCLIP's `visual`."""
+    vit = weights_copy(model)
+    if vit.__dict__.get("_px_zero_shot") is head:
+        return vit
+    if head is None:  # a head to drop: a fresh copy
+        model.__dict__.pop("_px_weights_copy", None)
+        vit = weights_copy(model)
+    else:  # replaces any head there was
+        vit.set_unembed(head.weight.to(device=vit.cfg.device, dtype=vit.cfg.dtype), head.class_names)
+    vit.__dict__["_px_zero_shot"] = head
+    return vit
+
+
+def traced_clip_backend(model: Any) -> Backend:
+    """`Backend.of(traced_clip)`: the vision tower of a CLIP; a vision tower on its own
+    (CLIPVisionModel, HookedViT's names) is traced as a ViT."""
+    if model.towers == {"visual": ""}:
+        check_local(model)
+        return NNsightBackend(model)
+    return TracedCLIPBackend(model)
+
+
+def embedding_backend(clip: Any, method: str) -> Backend:
+    """The backend whose output is a CLIP's image embedding: a HookedCLIP's vision tower (TL) or a
+    TracedCLIP's (nnsight); InputError naming `method` for anything else."""
+    from ..hooked.clip import HookedCLIP
+
+    if isinstance(clip, HookedCLIP):
+        return TLBackend(clip, clip.visual, return_type="embeds")
+    traced = sys.modules.get("prisma_ext.traced.clip")  # not imported: clip cannot be a TracedCLIP
+    if traced is not None and isinstance(clip, traced.TracedCLIP):
+        if clip.text_cfg is None:
+            raise InputError(f"{method} scores a CLIP image embedding against text and needs both towers; "
+                             f"got a vision tower alone ({type(clip._module).__name__})")
+        return TracedCLIPBackend(clip, return_type="embeds")
+    raise InputError(f"{method} splits a CLIP image embedding and needs a HookedCLIP or a TracedCLIP (a CLIP "
+                     "model from px.load('open_clip:...'), px.load('hf:...') or px.load('builtin:shapes-clip'), "
+                     f"backend 'tl' or 'nnsight'), got {type(clip).__name__}")
