@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError, PrismaError
-from .backend import Backend, NNsightBackend, TLBackend, weights_copy
+from .backend_base import Backend
+from .backend_nnsight import NNsightBackend, weights_copy
+from .backend_tl import TLBackend
 
 OUTPUT = "hook_image_embed"
 RETURN_TYPES = ("logits", "embeds")

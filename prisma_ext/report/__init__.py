@@ -2,8 +2,9 @@
 on one image, with every section the analysis layer offers.
 
 `build` checks the inputs and runs the sections, `inputs` reads images and targets, `sections`
-(prediction, logit lens, attribution, attention heads) and `experiments` (activation patching,
-the Captum comparison) write them, `page` is the self-contained HTML page.
+(prediction, logit lens, attribution, a CLIP's embedding split by head, attention heads) and
+`experiments` (activation patching, the Captum comparison) write them, `page` is the
+self-contained HTML page.
 
     from prisma_ext.report import build_report
     report = build_report("builtin:shapes-vit", image="builtin:red-circle", out="report.html")

@@ -4,9 +4,10 @@
     report = build_report("builtin:shapes-vit", image="builtin:red-circle", out="report.html")
     report.path, report.n_figures, report.seconds
 
-Sections (`sections.py`, `experiments.py`): prediction, patch logit lens, direct logit attribution by layer
-and head, CLS attribution over patches, an attention-head gallery, activation patching
-against a corrupted image, and our attribution maps against Captum's. Every input is checked
+Sections (`sections.py`, `clip_section.py`, `experiments.py`): prediction, patch logit lens, direct
+logit attribution by layer and head, for a CLIP model its image embedding split by head (with
+TextSpan texts and high-norm tokens), CLS attribution over patches, an attention-head gallery,
+activation patching against a corrupted image, and our attribution maps against Captum's. Every input is checked
 before the first progress line, and the file is written to a temporary name and renamed at the
 end, so bad input leaves no report behind.
 """
@@ -218,15 +219,20 @@ def _intro(page, ctx) -> None:
                "self-contained: opens without a network")
 
 
-def _sections() -> tuple:
-    """(anchor, title, run(ctx, page)) of every section, in order."""
+def _sections(ctx) -> tuple:
+    """(anchor, title, run(ctx, page)) of every section for this model, in order (a CLIP model
+    on the TL backend also gets its embedding split by head)."""
+    from . import clip_section as cs
     from . import experiments as ex
     from . import sections as se
 
+    clip = (("embedding-by-head", "The image embedding, split by head", cs.embedding_by_head),) \
+        if cs.splits_by_head(ctx) else ()
     return (
         ("prediction", "Prediction", se.prediction),
         ("logit-lens", "Patch logit lens", se.logit_lens),
         ("logit-attribution", "Direct logit attribution", se.logit_attribution),
+        *clip,
         ("cls-attribution", "CLS attribution over patches", se.cls_attribution),
         ("attention-heads", "Attention heads", se.attention_heads),
         ("patching", "Activation patching", ex.patching),
@@ -268,7 +274,7 @@ def build_report(model: Any = DEFAULT_MODEL, image: str | None = None, target: s
     seconds = {"loading": time.perf_counter() - start}
     page = Page(f"prisma-ext report: {ctx.source}")
     _intro(page, ctx)
-    sections = _sections()
+    sections = _sections(ctx)
     for i, (anchor, title, run) in enumerate(sections, start=1):
         say(f"[{i}/{len(sections)}] {title.lower()} ...")
         t0 = time.perf_counter()

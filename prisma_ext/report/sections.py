@@ -1,6 +1,7 @@
 """The report's descriptive sections (prediction, logit lens, logit attribution, CLS attribution,
-attention heads) and the `Context` every section reads; `experiments.py` has the interventions
-(activation patching) and the comparison with Captum."""
+attention heads) and the `Context` every section reads; `clip_section.py` has a CLIP's embedding
+split by head, `experiments.py` the interventions (activation patching) and the comparison with
+Captum."""
 
 from __future__ import annotations
 

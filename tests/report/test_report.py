@@ -56,6 +56,14 @@ def test_bare_report_writes_one_self_contained_file(bare_report):
     assert res.stdout == ""
 
 
+def test_a_vit_report_has_no_clip_section(bare_report):
+    """The embedding split by head is a CLIP section (tests/report/test_clip_report.py)."""
+    folder, res = bare_report
+    assert res.returncode == 0, res.stderr
+    html = (folder / "report.html").read_text(encoding="utf-8")
+    assert 'id="embedding-by-head"' not in html and "split by head" not in html and "TextSpan" not in html
+
+
 def test_report_renders_in_headless_chromium(bare_report, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
