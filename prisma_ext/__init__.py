@@ -66,6 +66,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "second_order_effects": ("prisma_ext.analysis.second_order", "second_order_effects"),
     "neuron_texts": ("prisma_ext.analysis.second_order", "neuron_texts"),
     "neuron_ablation": ("prisma_ext.analysis.neuron_ablation", "neuron_ablation"),
+    "llava_backend": ("prisma_ext.analysis.llava_backend", "llava_backend"),
     "AnalysisResult": ("prisma_ext.analysis.result", "AnalysisResult"),
     "ResultSet": ("prisma_ext.analysis.result", "ResultSet"),
     # subpackages
@@ -98,6 +99,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .analysis.heads import head_patterns, head_statistics, readout_attention
     from .analysis.high_norm import high_norm_tokens, test_time_register
     from .analysis.lens import logit_lens
+    from .analysis.llava_backend import llava_backend
     from .analysis.neuron_ablation import neuron_ablation
     from .analysis.patching import activation_patching, attribution_patching, image_text_patching
     from .analysis.result import AnalysisResult, ResultSet

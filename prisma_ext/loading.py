@@ -23,7 +23,8 @@ def load(source: str | nn.Module, backend: str = "tl", pretrained: bool | str | 
     `source`: "timm:NAME" (any timm VisionTransformer config, e.g. "timm:vit_small_patch16_224",
     tags allowed: "timm:vit_small_patch16_224.augreg_in21k_ft_in1k"), "open_clip:ARCH" or
     "open_clip:ARCH/TAG" (e.g. "open_clip:ViT-B-32/openai"), "hf:REPO_OR_DIR" (a Hugging Face
-    CLIPModel, CLIPVisionModel, ViTForImageClassification or ViTModel), "builtin:NAME" (the
+    CLIPModel, CLIPVisionModel, ViTForImageClassification or ViTModel, ...; a
+    LlavaForConditionalGeneration on the nnsight backend only, a `TracedLlava`), "builtin:NAME" (the
     models in `prisma_ext.zoo`), a prefix registered with `prisma_ext.sources.register_source`,
     or a module instance any registered adapter recognises.
     `pretrained`: True for the source's published weights, False for random ones, or a path to a
@@ -69,6 +70,12 @@ def _load(source: str | nn.Module, backend: str, pretrained: Any, verify: bool, 
     elif isinstance(source, str):
         from .sources import build_named
 
+        if backend == "tl" and source.startswith("hf:"):  # refused by its config, before any weights load
+            from .sources.hf import tl_refusal
+
+            why = tl_refusal(source[len("hf:"):], pretrained)
+            if why:
+                raise UnsupportedModelError(why)
         module = build_named(source, pretrained, kwargs)
     else:
         raise PrismaError(f"source must be a name like 'timm:vit_small_patch16_224' or a torch module, "
@@ -85,8 +92,12 @@ def _load(source: str | nn.Module, backend: str, pretrained: Any, verify: bool, 
         if verify:
             from .verification import verify_traced
 
+            own = getattr(type(model), "_px_verify", None)  # a traced model with its own check (TracedLlava)
             with torch.random.fork_rng(devices=[]):
-                verify_traced(adapter, module, model, name)
+                if own is not None:
+                    own(model, name)
+                else:
+                    verify_traced(adapter, module, model, name)
         return model
     with torch.random.fork_rng(devices=[]):  # building the hooked model leaves the global RNG alone
         model = adapter.to_hooked(module, **options)

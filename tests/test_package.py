@@ -20,7 +20,7 @@ ALLOWED = {
     "hooked": {"core"},
     "sitemaps": {"core"},
     "adapters": {"core", "hooked", "sitemaps"},
-    "traced": {"core", "hooked", "sitemaps", "adapters"},
+    "traced": {"core", "hooked", "sitemaps", "adapters", "verification"},
     "data": {"core"},
     "zoo": {"core", "data"},
     "sources": {"core", "adapters", "zoo"},

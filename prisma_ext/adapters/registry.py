@@ -12,7 +12,7 @@ from .base import Adapter
 _BUILTIN_MODULES = ("prisma_ext.adapters.timm_vit", "prisma_ext.adapters.timm_eva", "prisma_ext.adapters.open_clip",
                     "prisma_ext.adapters.hf_vit", "prisma_ext.adapters.hf_clip", "prisma_ext.adapters.hf_dino",
                     "prisma_ext.adapters.hf_siglip", "prisma_ext.adapters.hf_clip_variants",
-                    "prisma_ext.adapters.hf_aimv2")
+                    "prisma_ext.adapters.hf_aimv2", "prisma_ext.adapters.hf_llava")
 _user_adapters: list[Adapter] = []
 _builtin_adapters: list[Adapter] = []
 

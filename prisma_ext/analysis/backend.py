@@ -20,6 +20,7 @@ backends give the same numbers.
 
 from __future__ import annotations
 
+from ..errors import PrismaError
 from .backend_base import KINDS, Backend, Edit, Run
 from .backend_nnsight import NNsightBackend, weights_copy
 from .backend_tl import TextBackend, TLBackend
@@ -27,9 +28,19 @@ from .clip_backend import traced_clip_backend
 
 __all__ = ["Backend", "Edit", "NNsightBackend", "Run", "TLBackend", "TextBackend", "weights_copy"]
 
+
+
+def _llava_needs_a_prompt(model) -> Backend:
+    raise PrismaError("a LLaVA is analysed for a prompt: pass px.llava_backend(llava, prompt_ids) (the image token "
+                      "once in the prompt; output: the next-token logits) to the method, e.g. "
+                      "px.activation_patching(px.llava_backend(llava, prompt), clean, corrupted, "
+                      "target=px.LogitDiff(a, b))")
+
+
 KINDS[:] = [
     ("prisma_ext.hooked.vit", "HookedViT", lambda m: TLBackend(m, m)),
     ("prisma_ext.hooked.clip", "HookedCLIP", lambda m: TLBackend(m, m.visual)),
     ("prisma_ext.traced.clip", "TracedCLIP", traced_clip_backend),
+    ("prisma_ext.traced.llava", "TracedLlava", _llava_needs_a_prompt),
     ("prisma_ext.traced.model", "TracedViT", NNsightBackend),
 ]

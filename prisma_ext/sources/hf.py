@@ -82,3 +82,27 @@ class HFSource(Source):
 
 
 SOURCE = HFSource()
+
+
+# model types the TL backend refuses (they trace only): type -> (class, module with its TL_REFUSAL)
+TRACED_ONLY = {"llava": ("LlavaForConditionalGeneration", "prisma_ext.adapters.hf_llava")}
+
+
+def tl_refusal(name: str, pretrained: object) -> str | None:
+    """Why the TL backend refuses `hf:name`, read from its config alone (before any weights
+    load), or None: not a model type that only traces, or a config unreadable here (then the
+    build says why)."""
+    import importlib
+
+    source = str(pretrained) if is_path(pretrained) else name
+    try:
+        from transformers import AutoConfig
+
+        with offline_if_unreachable(not is_path(pretrained) and not Path(name).is_dir()):
+            model_type = AutoConfig.from_pretrained(source).model_type
+    except Exception:  # unreadable here: the build reports it
+        return None
+    if model_type not in TRACED_ONLY:
+        return None
+    kind, module = TRACED_ONLY[model_type]
+    return importlib.import_module(module).TL_REFUSAL.format(kind=f"{kind} (hf:{name})")
