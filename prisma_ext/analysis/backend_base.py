@@ -117,10 +117,12 @@ class Backend:
         with lock_of(self.root), eval_mode(self.root):
             yield
 
-    def restart(self, resid: Tensor, layer: int, edits: Mapping[str, Edit], rows: Tensor) -> Tensor:
+    def restart(self, resid: Tensor, layer: int, edits: Mapping[str, Edit], rows: Tensor,
+                images: Tensor | None = None) -> Tensor:
         """The output of the forward pass continued from `blocks.{layer}.hook_resid_pre` = resid
         [n, pos, d_model] with `edits` applied on the way; `rows` [n]: the input example of each
-        row (a text tower pools each at its own position)."""
+        row (a text tower pools each at its own position); `images` [n, ...]: those examples'
+        inputs, for a backend that must open its forward pass at the input (nnsight)."""
         raise PrismaError(f"the {self.kind} backend cannot restart a forward pass mid-model")
 
     # ------------------------------------------------------------------ scoring targets

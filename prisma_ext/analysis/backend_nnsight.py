@@ -41,7 +41,35 @@ class NNsightBackend(Backend):
         tensor the analysis reads."""
         return _tensor_output(self.model, self.model.output)
 
-    def run(self, images, read=(), edit=None, grad_of=None) -> Run:
+    @property
+    def can_restart(self) -> bool:
+        """Every block's output is its residual stream as is (`TracedModel.skips_as_output`), so a
+        restart can skip the blocks before its layer (nnsight's `skip`)."""
+        cached = self.__dict__.get("_px_can_restart")
+        if cached is None:
+            model = self.model
+            cached = all(model.skips_as_output(self._full(f"blocks.{i}.hook_resid_post"))
+                         and self._full(f"blocks.{i}.hook_resid_pre") in model.site_names
+                         for i in range(self.cfg.n_layers))
+            self.__dict__["_px_can_restart"] = cached
+        return cached
+
+    def restart(self, resid, layer, edits, rows, images=None) -> Tensor:
+        """The forward pass on `images` with blocks 0..layer-1 skipped, the last of them giving
+        `resid` as its output (and `blocks.{layer}.hook_resid_pre` set to it), then `edits`:
+        the same output as the TL backend's restart, without computing the skipped blocks."""
+        if not self.can_restart or images is None:
+            return super().restart(resid, layer, edits, rows, images)
+
+        def start(value: Tensor) -> Tensor:
+            return resid
+        edits = {f"blocks.{layer}.hook_resid_pre": start, **edits}
+        skips = [self._full(f"blocks.{i}.hook_resid_post") for i in range(layer)]
+        return self.run(images, edit=edits, skip=(skips, resid)).output
+
+    def run(self, images, read=(), edit=None, grad_of=None, skip: tuple[list[str], Tensor] | None = None) -> Run:
+        """As `Backend.run`; `skip` (names, value): inside the trace, first skip the modules whose
+        outputs those sites are, each giving `value` (see `restart`)."""
         from nnsight import save
 
         edit = dict(edit or {})
@@ -54,6 +82,8 @@ class NNsightBackend(Backend):
             with self._open(images) as tracer:
                 acts, seen = save({}), {}
                 model.prepare([self._full(n) for n in names])
+                for full in (skip[0] if skip is not None else ()):
+                    model.skip_to(full, skip[1])
                 for name in names:
                     value = model.site(self._full(name))
                     if name in edit:

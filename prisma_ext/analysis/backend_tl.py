@@ -51,7 +51,7 @@ class TLBackend(Backend):
             grads = _grads(grad_of(output), acts) if grad_of is not None else {}
         return Run(output, acts, grads)
 
-    def restart(self, resid, layer, edits, rows) -> Tensor:
+    def restart(self, resid, layer, edits, rows, images=None) -> Tensor:
         """Rerun the tower from `layer` with `edits` as hooks. The last block carries only the
         readout's tokens (`HookedViT.run_from(readout_only=True)`) unless an edit, or a hook a user
         left there, needs every token in it."""

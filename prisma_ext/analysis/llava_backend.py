@@ -71,6 +71,7 @@ class LlavaBackend(NNsightBackend):
     output (default -1, the last)."""
 
     kind = "nnsight"
+    can_restart = False  # skipping tower blocks would skip transformers' capture of the projector's input
 
     def __init__(self, model: Any, prompt: Any, position: int = -1):
         module = model._module

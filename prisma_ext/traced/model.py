@@ -221,6 +221,21 @@ class TracedModel(NNsight):
         else:
             setattr(envoy, site.port, site.view.write(value, raw))
 
+    def skips_as_output(self, name: str) -> bool:
+        """Whether site `name` is a whole module's output as is (output port, identity view, no
+        prepare step, not in place): then `skip_to(name, value)` can stand in for that module."""
+        site = self._px_sites.get(name)
+        return (site is not None and bool(site.module) and site.port == "output" and site.view.identity
+                and site.prepare is None and not site.in_place and not site.copy)
+
+    def skip_to(self, name: str, value: Tensor) -> None:
+        """Inside a trace: do not run the module whose output is site `name`; `value` (TL layout =
+        its raw layout, see `skips_as_output`) is its output instead (nnsight's `skip`)."""
+        if not self.skips_as_output(name):
+            raise PrismaError(f"skip_to({name!r}, ...): the site is not a whole module's output as is, so the "
+                              "module cannot be skipped in its favour")
+        self._enter(name, self._lookup(name)).skip(value)
+
     def run_with_cache(self, images: Tensor, names_filter: NameFilter = None
                        ) -> tuple[Any, dict[str, Tensor]]:
         """Run on `images` and read sites: (output, {name: tensor}), detached, like TL's

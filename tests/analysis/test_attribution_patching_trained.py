@@ -26,18 +26,20 @@ from tests.support.small_trained import trained_shapes_vit
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "z")
 
-# Measured on this model (torch CPU): resid_pre 0.293, attn_out 0.528, mlp_out 0.897, z 0.454
-# (layer 0 / layer 1 alone: resid_pre 0.21 / 0.41, attn_out 0.40 / 0.75, mlp_out 0.94 / 0.79,
-# z 0.28 / 0.74). Each floor sits a little below its measured value. The issue asks for 0.7 on
-# resid_pre; this model does not reach it, and the cause is the size of the patches, not an error
-# in either method (test_agrees_where_the_patch_is_small: 0.995 when the patches are small).
-# Where clean and corrupted differ, the layer-0 residual of a token changes by a median 1.1x (90th
-# percentile 12x) its own norm, to a vector at a median cosine of 0.03 from it, and the CLS
-# residual entering layer 1 has cosine -0.5 to 0.69 between the two runs: a LayerNorm reads each
-# of them next, and a LayerNorm ignores the part of a change along its input, so its first-order
-# estimate of such a rotation is poor. mlp_out, added into an already large residual stream,
-# stays closer to linear.
-FLOORS = {"resid_pre": 0.2, "attn_out": 0.45, "mlp_out": 0.8, "z": 0.35}
+# Measured on this model (the shipped weights, tests/support/small_trained.py): resid_pre 0.356,
+# attn_out 0.318, mlp_out 0.802, z 0.417 (layer 0 / layer 1 alone: resid_pre 0.22 / 0.63, attn_out
+# 0.15 / 0.66, mlp_out 0.82 / 0.67, z 0.32 / 0.59). Each floor sits a little below its measured
+# value. (The floors were first set on a model trained on another machine, where attn_out read
+# 0.528 and mlp_out 0.897; training is not bit-reproducible across CPUs, hence the shipped
+# weights.) The issue asks for 0.7 on resid_pre; this model does not reach it, and the cause is
+# the size of the patches, not an error in either method (test_agrees_where_the_patch_is_small:
+# 0.98 and more when the patches are small).
+# Where clean and corrupted differ, the layer-0 residual of a token changes by about its own norm
+# or more, to a nearly orthogonal vector, and the CLS residual entering layer 1 turns too: a
+# LayerNorm reads each of them next, and a LayerNorm ignores the part of a change along its
+# input, so its first-order estimate of such a rotation is poor. mlp_out, added into an already
+# large residual stream, stays closer to linear.
+FLOORS = {"resid_pre": 0.3, "attn_out": 0.28, "mlp_out": 0.75, "z": 0.37}
 
 
 class Pairs(NamedTuple):
@@ -98,10 +100,9 @@ def test_attribution_patching_correlates_with_exact_patching(record_property):
 
 
 # steps=8 (gradients averaged along the input path), measured on this model: denoising resid_pre
-# 0.783, attn_out 0.848, mlp_out 0.774, z 0.829; noising 0.772, 0.904, 0.819, 0.695 (steps=4 and 16
-# are alike: resid_pre 0.75-0.81). resid_pre's floor is the issue's 0.7; the others sit below
-# the measured values.
-PATH_FLOORS = {"resid_pre": 0.7, "attn_out": 0.75, "mlp_out": 0.7, "z": 0.6}
+# 0.762, attn_out 0.846, mlp_out 0.651, z 0.820; noising 0.768, 0.902, 0.659, 0.702. resid_pre's
+# floor is the issue's 0.7; the others sit below the measured values.
+PATH_FLOORS = {"resid_pre": 0.7, "attn_out": 0.75, "mlp_out": 0.6, "z": 0.6}
 
 
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
@@ -136,7 +137,7 @@ def test_path_estimate_is_complete_where_the_site_is_linear_in_the_input():
 
 def test_agrees_where_the_patch_is_small(record_property):
     """Clean moved 2% of the way from corrupted: every patch is small, the first-order estimate
-    is close to exact (measured: resid_pre 0.995, the other sites >= 0.999)."""
+    is close to exact (measured: resid_pre 0.984, attn_out 0.992, mlp_out 0.998, z 0.997)."""
     p = pairs()
     near = p.corrupted + 0.02 * (p.clean - p.corrupted)
     found = correlations(*sweeps(p.model, near, p.corrupted, p.metric))

@@ -98,11 +98,37 @@ def test_a_users_hook_on_the_last_block_sees_every_token():
 def test_both_backends_give_the_same_sweep(variant):
     src, clean, corrupted, metric = setup(variant, seed=4)
     tl = activation_patching(px.load(src), clean, corrupted, metric, positions="rows", progress=False)
-    nn = activation_patching(px.load(src, backend="nnsight"), clean, corrupted, metric, positions="rows",
-                             progress=False)
-    assert nn.meta["backend"] == "nnsight" and not nn.meta["reuse"]
+    traced = px.load(src, backend="nnsight")
+    nn = activation_patching(traced, clean, corrupted, metric, positions="rows", progress=False)
+    assert nn.meta["backend"] == "nnsight" and nn.meta["reuse"]  # the blocks before each patch are skipped
+    full = activation_patching(traced, clean, corrupted, metric, positions="rows", progress=False, reuse=False)
     for site in tl:
         torch.testing.assert_close(nn[site].values, tl[site].values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(full[site].values, tl[site].values, atol=1e-5, rtol=0)
+
+
+def test_a_traced_restart_skips_the_earlier_blocks():
+    """The nnsight backend's restart from layer 1 runs no earlier block (their attention is never
+    called) and gives the TL backend's restart output."""
+    from prisma_ext.analysis.backend import Backend
+
+    src = small_timm("dinov2_reg4", seed=4)
+    images = images_for(src, batch=2, seed=1)
+    tl, traced = Backend.of(px.load(src)), Backend.of(px.load(src, backend="nnsight"))
+    assert traced.can_restart
+    with torch.no_grad():
+        resid = tl.run(images, read=["blocks.1.hook_resid_pre"]).acts["blocks.1.hook_resid_pre"] * 1.5
+        calls = [0] * len(src.blocks)
+        handles = [b.attn.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+                   for i, b in enumerate(src.blocks)]
+        try:
+            got = traced.restart(resid, 1, {}, torch.arange(2), images)
+        finally:
+            for h in handles:
+                h.remove()
+        want = tl.restart(resid, 1, {}, torch.arange(2))
+    assert calls == [0] + [1] * (len(src.blocks) - 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_patching_everything_or_nothing():

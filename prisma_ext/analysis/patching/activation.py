@@ -88,18 +88,18 @@ def activation_patching(model, clean: Tensor, corrupted: Tensor, target: Any = N
     runner = PatchRunner(plan, base.acts, source.acts, restart=reuse)
     check_everything_patched(runner, plan, bound, served, m_source)
     size = plan.chunk_size()
-    todo = [(s, layer) for s in plan.sites for layer in plan.layers]
-    total = sum(len(make_jobs(n, len(plan.groups), plan.heads if s in HEAD_SITES else None)) for s, _ in todo)
+    per_site = {s: make_jobs(n, len(plan.groups), plan.heads if s in HEAD_SITES else None, plan.layers)
+                for s in plan.sites}  # layer-major: a chunk spans one or two layers
+    layer_pos = {layer: i for i, layer in enumerate(plan.layers)}
     results: dict[str, Tensor] = {}
-    with torch.no_grad(), Progress(total, progress, "activation patching") as bar:
-        for site, layer in todo:
+    with torch.no_grad(), Progress(sum(map(len, per_site.values())), progress, "activation patching") as bar:
+        for site, jobs in per_site.items():
             site_heads = plan.heads if site in HEAD_SITES else None
-            jobs = make_jobs(n, len(plan.groups), site_heads)
             shape = (n, len(plan.layers), *([len(site_heads)] if site_heads else []), len(plan.groups))
             out = results.setdefault(site, torch.zeros(shape))
-            li = plan.layers.index(layer)
             for chunk in jobs.chunks(size):
-                value = score_rows(bound, runner.outputs(site, layer, chunk), chunk.examples, served).float().cpu()
+                value = score_rows(bound, runner.outputs_across(site, chunk), chunk.examples, served).float().cpu()
+                li = torch.tensor([layer_pos[layer] for layer in chunk.layers.tolist()])
                 if site_heads:
                     head_pos = torch.tensor([site_heads.index(h) for h in chunk.heads.tolist()])
                     out[chunk.examples, li, head_pos, chunk.groups] = value

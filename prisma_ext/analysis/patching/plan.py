@@ -77,11 +77,13 @@ def check_pair(clean: Tensor, corrupted: Tensor) -> None:
 
 @dataclass
 class Jobs:
-    """Every patched run for one (site, layer): example index, group index, head index (-1: all)."""
+    """Patched runs of one site: example index, group index, head index (-1: all) and, for runs
+    at several layers, each run's layer (None: one layer, given with the jobs)."""
 
     examples: Tensor
     groups: Tensor
     heads: Tensor
+    layers: Tensor | None = None
 
     def __len__(self) -> int:
         return self.examples.shape[0]
@@ -89,14 +91,21 @@ class Jobs:
     def chunks(self, size: int):
         for start in range(0, len(self), size):
             sl = slice(start, start + size)
-            yield Jobs(self.examples[sl], self.groups[sl], self.heads[sl])
+            yield Jobs(self.examples[sl], self.groups[sl], self.heads[sl],
+                       None if self.layers is None else self.layers[sl])
 
 
-def make_jobs(n_examples: int, n_groups: int, heads: list[int] | None) -> Jobs:
+def make_jobs(n_examples: int, n_groups: int, heads: list[int] | None, layers: list[int] | None = None) -> Jobs:
+    """Every (layer,) example, group, head combination, layer-major (so a chunk of consecutive jobs
+    spans as few layers as possible)."""
     head_list = heads if heads is not None else [-1]
-    grid = torch.cartesian_prod(torch.arange(n_examples), torch.arange(n_groups), torch.tensor(head_list))
-    grid = grid.reshape(-1, 3)
-    return Jobs(grid[:, 0], grid[:, 1], grid[:, 2])
+    axes = [torch.arange(n_examples), torch.arange(n_groups), torch.tensor(head_list)]
+    if layers is not None:
+        axes = [torch.tensor(layers), *axes]
+    grid = torch.cartesian_prod(*axes).reshape(-1, len(axes))
+    if layers is None:
+        return Jobs(grid[:, 0], grid[:, 1], grid[:, 2])
+    return Jobs(grid[:, 1], grid[:, 2], grid[:, 3], grid[:, 0])
 
 
 # Activation budget of one chunk of patched runs. On a CPU, chunks that stay near the caches run

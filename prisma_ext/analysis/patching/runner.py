@@ -1,9 +1,11 @@
 """Running patched forward passes, chunk by chunk, and scoring them with the bound target.
 
 `PatchRunner.outputs(site, layer, jobs)` runs one chunk of patched runs: each row is the base
-input with one position group (and head) of one site replaced by the source run's value. Where
-the backend can restart mid-model (`Backend.restart`), the rows start at the patched layer from
-the base run's cached residual stream instead of at the input.
+input with one position group (and head) of one site replaced by the source run's value;
+`outputs_across(site, jobs)` the same for a chunk whose rows patch the site at their own layers
+(one forward pass for runs of several layers, so a sweep takes about runs / chunk passes). Where
+the backend can restart mid-model (`Backend.restart`), the rows start at the (first) patched
+layer from the base run's cached residual stream instead of at the input.
 """
 
 from __future__ import annotations
@@ -75,6 +77,33 @@ class PatchRunner:
         if not self.restart:
             return be.run(self.plan.base_input[examples], edit={name: edit}).output
         resid = self.base_cache[site_name("resid_pre", layer)][examples]
+        images = self.plan.base_input[examples]
         if site == "resid_pre":
-            return be.restart(edit(resid), layer, {}, examples)
-        return be.restart(resid, layer, {name: edit}, examples)
+            return be.restart(edit(resid), layer, {}, examples, images)
+        return be.restart(resid, layer, {name: edit}, examples, images)
+
+    def outputs_across(self, site: str, jobs: Jobs) -> Tensor:
+        """The outputs [len(jobs), ...] of one chunk of patched runs at `site`, row i patched at
+        layer `jobs.layers[i]` (rows are unchanged at the other layers' edits); with a restart,
+        every row starts at the chunk's first layer from the base run's residual stream, which
+        the rows of later layers carry unpatched up to their own layer."""
+        be, examples = self.plan.backend, jobs.examples
+        token_mask = self.group_mask[jobs.groups]
+        layers = sorted(set(jobs.layers.tolist()))
+        edits = {}
+        for layer in layers:
+            name = site_name(site, layer)
+            mask = token_mask & (jobs.layers == layer)[:, None]
+            source = self.source_cache[name][examples]
+
+            def edit(value: Tensor, source: Tensor = source, mask: Tensor = mask) -> Tensor:
+                return patch_rows(value, source, mask, jobs.heads)
+            edits[name] = edit
+        images = self.plan.base_input[examples]
+        if not self.restart:
+            return be.run(images, edit=edits).output
+        start = layers[0]
+        resid = self.base_cache[site_name("resid_pre", start)][examples]
+        if site == "resid_pre":
+            resid = edits.pop(site_name("resid_pre", start))(resid)
+        return be.restart(resid, start, edits, examples, images)
