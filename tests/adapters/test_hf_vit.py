@@ -1,6 +1,6 @@
 """Hugging Face ViT classifiers (`ViTForImageClassification`, `ViTModel` with or without its pooler):
 the TL backend equals transformers' own forward, the nnsight backend's sites equal the TL backend's, and
-remote tracing (nnsight's local simulation) equals a local trace."""
+remote tracing (nnsight's local simulation, prisma_ext hidden) equals a local trace."""
 
 from __future__ import annotations
 
@@ -188,15 +188,21 @@ def traced_values(model, images):
 
 def test_remote_local_simulation_equals_a_local_trace(saved_vit):
     from nnsight.modeling.mixins.remotable import Remotable
+    from nnsight.modeling.transformers import TransformersModel
+
+    from tests.support.hidden import local_simulation_hides_prisma_ext
 
     src, folder = saved_vit
     remote = px.load(f"hf:{folder}", backend="nnsight", remote="local")
     assert isinstance(remote, Remotable) and type(remote).__name__ == "RemoteTracedViT"
+    assert remote._remoteable_class() is TransformersModel and remote.task == "image-classification"  # the key
     assert not remote.dispatched
     local = px.load(src, backend="nnsight")
     images = images_for(src)
     expected, expected_logits = traced_values(local, images)
-    got, logits = traced_values(remote, images)  # serialised, rebuilt without local modules, run
+    with local_simulation_hides_prisma_ext() as hides:  # serialised, rebuilt without prisma_ext, run
+        got, logits = traced_values(remote, images)
+    assert hides and hides[0].checked and not hides[0].attempts
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     torch.testing.assert_close(logits, expected_logits, atol=0, rtol=0)

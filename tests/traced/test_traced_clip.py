@@ -2,7 +2,8 @@
 
 Sites equal HookedCLIP's, edits equal TL edits, gradients equal autograd, invokes batch,
 attention swaps are undone (also when a trace raises), and Hugging Face CLIP round-trips
-through nnsight's remote machinery (its local simulation, and a model rebuilt from its key).
+through nnsight's remote machinery with prisma_ext hidden (its local simulation, and nnsight's own
+model class rebuilt from the key).
 """
 
 import json
@@ -15,6 +16,7 @@ from nnsight import save
 import prisma_ext as px
 from prisma_ext.errors import InputError, PrismaError, UnknownNameError
 from tests.support.clip_models import small_hf_clip, small_open_clip, text_tokens_for
+from tests.support.hidden import HiddenServer, local_simulation_hides_prisma_ext, prisma_ext_hidden
 from tests.support.models import module_hooks
 from tests.support.patcher import reference_patch
 
@@ -280,17 +282,21 @@ def traced_values(model, inputs, **trace_kwargs):
 
 
 def test_remote_local_simulation_equals_a_local_trace(saved_hf_clip):
+    from nnsight.modeling.huggingface import HuggingFaceModel
     from nnsight.modeling.mixins.remotable import Remotable
 
     src, folder = saved_hf_clip
     remote = px.load(f"hf:{folder}", backend="nnsight", remote="local")
     assert isinstance(remote, Remotable) and type(remote).__name__ == "RemoteTracedCLIP"
+    assert remote._remoteable_class() is HuggingFaceModel  # the key names nnsight's class
     assert not remote.dispatched  # built on the meta device: no weights until a run needs them
     local = px.load(src, backend="nnsight")
     tokens = text_tokens_for(local.text_cfg, batch=2, length=20)
     inputs = dict(input_ids=tokens, pixel_values=torch.randn(2, 3, 32, 32))
     expected, expected_logits = traced_values(local, inputs)
-    got, logits = traced_values(remote, inputs)  # serialised, rebuilt without local modules, run
+    with local_simulation_hides_prisma_ext() as hides:  # serialised, rebuilt without prisma_ext, run
+        got, logits = traced_values(remote, inputs)
+    assert hides and hides[0].checked and not hides[0].attempts
     for name, a, b in zip(REMOTE_SITES, got, expected):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
     torch.testing.assert_close(logits, expected_logits, atol=0, rtol=0)
@@ -302,34 +308,24 @@ def test_remote_local_simulation_equals_a_local_trace(saved_hf_clip):
 
 
 def test_a_server_rebuilds_the_model_from_its_key_and_runs_the_request(saved_hf_clip):
-    """What an NDIF worker does: build the class named by the key from the repo id, deserialize the
-    request against that model's modules, run it there (prisma-ext installed on the worker)."""
-    from nnsight.schema.request import RequestModel
-    from nnsight.tracing.backend import Backend
-    from nnsight.tracing.util import push
-    from nnsight.util import to_import_path
+    """What an NDIF worker does, without prisma-ext: build nnsight's class named by the key from the
+    repo id, deserialise the request against that model's modules, run it there
+    (`tests.support.hidden.HiddenServer`: prisma_ext hidden throughout)."""
+    from nnsight.modeling.huggingface import HuggingFaceModel
+    from nnsight.modeling.mixins.remotable import Remotable
 
-    from prisma_ext.traced.remote import RemoteTracedCLIP
+    from prisma_ext.traced.remote import model_key
 
     src, folder = saved_hf_clip
-    key = f"{to_import_path(RemoteTracedCLIP)}:{json.dumps({'repo_id': folder, 'revision': None})}"
-    assert key.startswith("prisma_ext.traced.remote.RemoteTracedCLIP:")
-    server = RemoteTracedCLIP.from_model_key(key)
-    server.dispatch()
+    client = px.load(f"hf:{folder}", backend="nnsight", remote=True)
+    key = model_key(client, allow_folder=True)  # to_model_key() refuses a folder; a server gets a repo id
+    assert key == f"nnsight.modeling.huggingface.HuggingFaceModel:{json.dumps({'repo_id': folder, 'revision': None})}"
+    with prisma_ext_hidden():
+        server = Remotable.from_model_key(key, dispatch=True)
+    assert type(server) is HuggingFaceModel
     before = swapped_attention(server._module)
-
-    class Worker(Backend):
-        def __call__(self, tracer):
-            restored = RequestModel.deserialize(RequestModel.serialize(tracer),
-                                                server._remoteable_persistent_objects())
-            restored.execute(restored.info.code)
-            saved = {k: restored.info.frame.f_locals[k] for k in ("values", "logits")}
-            for value in saved.values():  # what nnsight's RemoteBackend does with a result
-                save(value)
-            push(tracer.info.frame, saved)
-
-    client, worker = px.load(f"hf:{folder}", backend="nnsight", remote=True), Worker()
-    tokens = text_tokens_for(server.text_cfg, batch=2, length=20)
+    worker = HiddenServer(server, ("values", "logits"))
+    tokens = text_tokens_for(client.text_cfg, batch=2, length=20)
     inputs = dict(input_ids=tokens, pixel_values=torch.randn(2, 3, 32, 32))
     got, logits = traced_values(client, inputs, backend=worker)
     expected, expected_logits = traced_values(px.load(src, backend="nnsight"), inputs)
@@ -337,6 +333,7 @@ def test_a_server_rebuilds_the_model_from_its_key_and_runs_the_request(saved_hf_
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
     torch.testing.assert_close(logits, expected_logits, atol=0, rtol=0)
     assert not client.dispatched  # the client never loaded weights
+    assert worker.envoy_class.__name__ == "RemoteSitesHF" and worker.blocker.checked
     assert swapped_attention(server._module) == before and not module_hooks(server._module)
 
 
