@@ -153,6 +153,9 @@ class _RemoteClient:
         inputs are checked here first (image size, token ids), before anything is sent."""
         remote = self.default_remote if remote is None else remote
         self._px_check_inputs(inputs, {k: v for k, v in kwargs.items() if k not in _TRACE_OPTIONS})
+        if remote is True:
+            self._remoteable_model_key()  # a local folder is refused first: no server can rebuild it
+            check_api_key()
         return super().trace(*inputs, remote=remote, **kwargs)
 
     def _px_check_inputs(self, inputs: tuple, kwargs: dict) -> None:
@@ -260,3 +263,18 @@ def load_remote(source: Any, pretrained: Any, remote: bool | str, options: dict,
             f"could not read the config of hf:{repo_id} ({type(err).__name__}: {err}). Remote tracing "
             "builds the model's skeleton here from the repo's config.json (no weights): the Hub, or a "
             "cached copy of the config, must be reachable") from err
+
+
+def check_api_key() -> None:
+    """Before a request goes to NDIF: PrismaError when no API key is set (none in nnsight's
+    config, which also reads NDIF_API_KEY), saying how to set one; nnsight itself would send the
+    request without one and the server would refuse it."""
+    from nnsight import CONFIG
+
+    if CONFIG.API.APIKEY or os.environ.get("NDIF_API_KEY"):
+        return
+    raise PrismaError(
+        "no NDIF API key is set, so the server would refuse this request: set one with "
+        "nnsight.CONFIG.set_default_api_key('<key>') (saved in nnsight's config.yaml), nnsight.ndif.login(), "
+        "or the NDIF_API_KEY environment variable (a key comes from your NDIF account); remote='local' "
+        "simulates the round trip here without one")

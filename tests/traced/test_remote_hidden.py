@@ -374,3 +374,28 @@ def test_the_analysis_methods_still_refuse_remote_models(saved_clip, saved_vit):
     vit = px.load(f"hf:{saved_vit[1]}", backend="nnsight", remote=True)
     with pytest.raises(PrismaError, match="holds no weights here"):
         px.logit_lens(vit, images_for(saved_vit[0]))
+
+
+def test_a_missing_api_key_is_named_before_anything_is_sent(saved_clip, monkeypatch):
+    """remote=True with no NDIF key: a PrismaError saying how to set one, raised before nnsight
+    builds a request (no network is touched: the key check comes first); a local folder is still
+    refused as such first."""
+    from nnsight import CONFIG
+
+    from prisma_ext.errors import PrismaError
+    from prisma_ext.traced import remote as remote_module
+
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    with pytest.raises(PrismaError, match="NDIF_API_KEY"):
+        remote_module.check_api_key()
+    client = px.load(f"hf:{saved_clip[1]}", backend="nnsight", remote=True)
+    with pytest.raises(PrismaError, match="local folder"):
+        with client.trace(pixel_values=torch.zeros(1, 3, 32, 32)):
+            pass
+    monkeypatch.setattr(client, "_remoteable_model_key", lambda: "{}")  # as if a repo id
+    with pytest.raises(PrismaError, match="no NDIF API key"):
+        with client.trace(pixel_values=torch.zeros(1, 3, 32, 32)):
+            pass
+    monkeypatch.setenv("NDIF_API_KEY", "x")
+    remote_module.check_api_key()  # a key from the environment is enough
