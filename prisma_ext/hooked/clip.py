@@ -106,20 +106,8 @@ class HookedCLIP(CheckedHookedRoot):
         """Text embeddings of the classes [n_classes, d_proj], each the normalised mean of the
         normalised embeddings of its prompts. Defaults: open_clip's ImageNet class names and the
         OpenAI ImageNet prompt templates (both ship with open_clip)."""
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
-
-        class_names = list(IMAGENET_CLASSNAMES if class_names is None else class_names)
-        templates = list(OPENAI_IMAGENET_TEMPLATES if templates is None else templates)
-        if not class_names:
-            raise InputError("no class names given")
-        if not templates:
-            raise InputError("no prompt templates given")
-        prompts = [t(c) if callable(t) else t.format(c) for c in class_names for t in templates]
         with torch.no_grad():
-            embeds = torch.cat([self.encode_text(prompts[i:i + batch_size], normalize=True)
-                                for i in range(0, len(prompts), batch_size)])
-        per_class = embeds.view(len(class_names), len(templates), -1).mean(dim=1)
-        return F.normalize(per_class, dim=-1)
+            return class_embeddings(self.encode_text, class_names, templates, batch_size)
 
     def use_zero_shot_head(self, class_names: Sequence[str] | None = None,
                            templates: Sequence | None = None) -> Tensor:
@@ -136,3 +124,22 @@ class HookedCLIP(CheckedHookedRoot):
         embeds = self.zero_shot_classifier(names, templates)
         self.visual.set_unembed(embeds, names)
         return embeds
+
+
+def class_embeddings(encode: Callable[[list[str]], Tensor], class_names: Sequence[str] | None,
+                     templates: Sequence | None, batch_size: int = 256) -> Tensor:
+    """[n_classes, d_proj]: per class the normalised mean of its prompts' normalised embeddings
+    (`encode(prompts) -> [n, d_proj]`, prompts in batches of `batch_size`). Defaults: open_clip's
+    ImageNet class names and OpenAI's ImageNet prompt templates (both ship with open_clip)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    class_names = list(IMAGENET_CLASSNAMES if class_names is None else class_names)
+    templates = list(OPENAI_IMAGENET_TEMPLATES if templates is None else templates)
+    if not class_names:
+        raise InputError("no class names given")
+    if not templates:
+        raise InputError("no prompt templates given")
+    prompts = [t(c) if callable(t) else t.format(c) for c in class_names for t in templates]
+    embeds = torch.cat([F.normalize(encode(prompts[i:i + batch_size]), dim=-1)
+                        for i in range(0, len(prompts), batch_size)])
+    return F.normalize(embeds.view(len(class_names), len(templates), -1).mean(dim=1), dim=-1)

@@ -11,7 +11,7 @@ embeddings, and a zero-shot head for the analysis layer's vision tower.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,25 +32,6 @@ class ZeroShotHead:
 
     weight: Tensor  # [n_classes, d_proj]
     class_names: list[str]
-
-
-def class_embeddings(encode: Callable[[list[str]], Tensor], class_names: Sequence[str] | None,
-                     templates: Sequence | None, batch_size: int = 256) -> Tensor:
-    """[n_classes, d_proj]: per class the normalised mean of its prompts' normalised embeddings
-    (`encode(prompts) -> [n, d_proj]`). Defaults: open_clip's ImageNet class names and OpenAI's
-    ImageNet prompt templates (as `HookedCLIP.zero_shot_classifier`)."""
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
-
-    class_names = list(IMAGENET_CLASSNAMES if class_names is None else class_names)
-    templates = list(OPENAI_IMAGENET_TEMPLATES if templates is None else templates)
-    if not class_names:
-        raise InputError("no class names given")
-    if not templates:
-        raise InputError("no prompt templates given")
-    prompts = [t(c) if callable(t) else t.format(c) for c in class_names for t in templates]
-    embeds = torch.cat([F.normalize(encode(prompts[i:i + batch_size]), dim=-1)
-                        for i in range(0, len(prompts), batch_size)])
-    return F.normalize(embeds.view(len(class_names), len(templates), -1).mean(dim=1), dim=-1)
 
 
 class ClipEncoders:
@@ -131,6 +112,8 @@ class ClipEncoders:
     def zero_shot_classifier(self, class_names: Sequence[str] | None = None, templates: Sequence | None = None,
                              batch_size: int = 256) -> Tensor:
         """Class text embeddings [n_classes, d_proj] (`class_embeddings`; HookedCLIP's defaults)."""
+        from ..hooked.clip import class_embeddings  # lazily: it imports TransformerLens
+
         with torch.no_grad():
             return class_embeddings(self.encode_text, class_names, templates, batch_size)
 

@@ -153,7 +153,7 @@ class _RemoteClient:
         inputs are checked here first (image size, token ids), before anything is sent."""
         remote = self.default_remote if remote is None else remote
         self._px_check_inputs(inputs, {k: v for k, v in kwargs.items() if k not in _TRACE_OPTIONS})
-        if remote is True:
+        if remote is True and kwargs.get("backend") is None:  # to NDIF (not a backend of the caller's own)
             self._remoteable_model_key()  # a local folder is refused first: no server can rebuild it
             check_api_key()
         return super().trace(*inputs, remote=remote, **kwargs)
