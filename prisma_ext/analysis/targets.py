@@ -24,6 +24,7 @@ stream (`readout`), which direct logit attribution splits.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Integral
 from typing import Any
@@ -248,6 +249,14 @@ def _texts(texts: Any, what: str) -> Sequence[str] | Tensor:
                      f"embeddings, got {texts!r}")
 
 
+def is_clip_model(model: Any) -> bool:
+    """A HookedCLIP, or a TracedCLIP with a text tower (a module not imported: not one)."""
+    hooked, traced = sys.modules.get("prisma_ext.hooked.clip"), sys.modules.get("prisma_ext.traced.clip")
+    if hooked is not None and isinstance(model, hooked.HookedCLIP):
+        return True
+    return traced is not None and isinstance(model, traced.TracedCLIP) and model.text_cfg is not None
+
+
 def _encode(clip, texts: Sequence[str] | Tensor) -> Tensor:
     """Normalised text embeddings [n, d_proj]: prompts and token ids through the text tower."""
     if isinstance(texts, Tensor) and texts.is_floating_point():
@@ -277,12 +286,10 @@ class ImageTextScore(Target):
     def bind(self, backend, output, batch):
         if self.bound:
             return self
-        from ..hooked.clip import HookedCLIP
-
         clip = backend.model
-        if not isinstance(clip, HookedCLIP):
+        if not is_clip_model(clip):
             raise PrismaError(f"ImageTextScore needs a CLIP model (px.load of an open_clip or Hugging Face "
-                              f"CLIP), got {type(clip).__name__}")
+                              f"CLIP, either backend), got {type(clip).__name__}")
         n = len(self.texts)
         if n not in (1, batch):
             raise InputError(f"ImageTextScore: {n} prompts for {batch} images (give one, or one per image)")

@@ -101,6 +101,20 @@ class ClipEncoders:
         out = self._embed("text", tokens)
         return F.normalize(out, dim=-1) if normalize else out
 
+    @property
+    def logit_scale(self) -> Tensor:
+        """The source's logit scale, a scalar log-temperature (CLIP's logits are
+        exp(logit_scale) * cosine), as HookedCLIP's `logit_scale`."""
+        self._px_live()
+        return self._px_adapter.logit_scale(self._module).reshape(())
+
+    @property
+    def logit_bias(self) -> Tensor | None:
+        """The bias the source adds to every logit (SigLIP), or None."""
+        self._px_live()
+        bias = self._px_adapter.logit_bias(self._module)
+        return None if bias is None else bias.reshape(())
+
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
         """Images [n, C, H, W] -> image embeddings [n, d_proj], traced (eval mode)."""
         if not isinstance(images, Tensor):

@@ -182,12 +182,32 @@ def test_zero_shot_segmentation(clips):
 
 
 # ---------------------------------------------------------------- what is refused, and state
+def test_image_text_patching_of_the_vision_tower(clips):
+    """image_text_patching (tower='visual') and an ImageTextScore target on a traced CLIP: the TL
+    backend's sweep; the logit scale is the source's own."""
+    _, tl, traced, other, images, corrupted = clips
+    assert float(traced.logit_scale) == pytest.approx(float(tl.logit_scale), abs=1e-6)
+    kw = dict(sites=("resid_pre", "z"), positions="rows", progress=False)
+    got = px.image_text_patching(traced, images, corrupted, TEXTS[:2], **kw)
+    want, far = (px.image_text_patching(m, images, corrupted, TEXTS[:2], **kw) for m in (tl, other))
+    assert got.meta["backend"] == "nnsight"
+    for site in ("resid_pre", "z"):
+        same(f"image_text_patching {site}", got[site], want[site], far[site])
+    target = px.ImageTextScore(TEXTS[:1])
+    got, want, far = (px.activation_patching(m, images, corrupted, target, sites=("resid_pre",), progress=False)
+                      for m in (TracedCLIPBackend(traced, "embeds"), TLBackend(tl, tl.visual, "embeds"),
+                                TLBackend(other, other.visual, "embeds")))
+    same("ImageTextScore patching", got["resid_pre"], want["resid_pre"], far["resid_pre"])
+    got, want, far = (px.direct_logit_attribution(m, images, target)
+                      for m in (TracedCLIPBackend(traced, "embeds"), TLBackend(tl, tl.visual, "embeds"),
+                                TLBackend(other, other.visual, "embeds")))
+    same("ImageTextScore DLA", got, want, far)
+
+
 def test_what_still_needs_a_hooked_clip_is_refused_by_name(clips):
     _, tl, traced, _, images, corrupted = clips
-    with pytest.raises(PrismaError, match="image_text_patching needs a HookedCLIP"):
-        px.image_text_patching(traced, images, corrupted, TEXTS)
-    with pytest.raises(PrismaError, match="ImageTextScore needs a CLIP model"):
-        px.direct_logit_attribution(TracedCLIPBackend(traced, "embeds"), images, px.ImageTextScore(TEXTS[:1]))
+    with pytest.raises(PrismaError, match="tower='text'.*backend='tl'"):
+        px.image_text_patching(traced, TEXTS[:1], TEXTS[1:2], images=images[:1], tower="text")
     with pytest.raises(InputError, match="needs a HookedCLIP or a TracedCLIP.*got HookedViT"):
         px.clip_decomposition(tl.visual, images)
 

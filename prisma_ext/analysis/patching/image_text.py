@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from ...errors import InputError, PrismaError
-from ..backend import TextBackend, TLBackend
+from ..backend import TextBackend
+from ..clip_backend import embedding_backend
 from ..result import ResultSet
-from ..targets import FunctionTarget, ImageTextScore
+from ..targets import FunctionTarget, ImageTextScore, is_clip_model
 from .activation import DEFAULT_SITES, activation_patching
 
 
@@ -33,19 +34,21 @@ def image_text_patching(clip, clean, corrupted, texts=None, *, images: Tensor | 
     reuse). Returns its ResultSet. For another target on the vision tower, call
     `activation_patching(clip, clean, corrupted, target)` (e.g. target=px.ImageTextScore(texts)).
     """
-    from ...hooked.clip import HookedCLIP
-
     if "metric" in kwargs or "target" in kwargs:
         raise InputError("image_text_patching builds its target from texts (or images); for another target "
                          "call activation_patching(clip, clean, corrupted, target), e.g. with "
                          "target=px.ImageTextScore(texts)")
-    if not isinstance(clip, HookedCLIP):
-        raise PrismaError(f"image_text_patching needs a HookedCLIP (px.load of a CLIP model), got "
-                          f"{type(clip).__name__}")
+    if not is_clip_model(clip):
+        raise PrismaError(f"image_text_patching needs a CLIP model with both towers (px.load of a CLIP model, "
+                          f"either backend), got {type(clip).__name__}")
     kwargs.update(sites=sites, batch_size=batch_size, progress=progress)
     if tower == "visual":
         return _visual(clip, clean, corrupted, texts, positions, kwargs)
     if tower == "text":
+        if embedding_backend(clip, "image_text_patching").kind != "tl":
+            raise PrismaError("image_text_patching(tower='text') patches the text tower, which the nnsight backend "
+                              "does not run as a backend yet: load the CLIP with backend='tl' for it (the vision "
+                              "tower, tower='visual', runs on either backend)")
         return _text(clip, clean, corrupted, images, positions, kwargs)
     raise PrismaError(f"tower must be 'visual' or 'text', got {tower!r}")
 
@@ -58,7 +61,7 @@ def _visual(clip, clean, corrupted, texts, positions, kwargs) -> ResultSet:
         raise InputError(f"tower='visual' takes one or two prompts, got {tokens.shape[0]}")
     scale = clip.logit_scale.detach().exp().item()
     target = ImageTextScore(tokens[:1], versus=tokens[1:] if tokens.shape[0] == 2 else None, scale=scale)
-    backend = TLBackend(clip, clip.visual, return_type="embeds")
+    backend = embedding_backend(clip, "image_text_patching")  # the vision tower, output its embedding
     return activation_patching(backend, clean, corrupted, target, positions=positions, **kwargs)
 
 
