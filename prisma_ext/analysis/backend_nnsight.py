@@ -32,6 +32,11 @@ class NNsightBackend(Backend):
         """The model's site name for a name `run` takes."""
         return name
 
+    def model_site(self, name: str) -> str:
+        """The traced model's own name for site `name` as `run` takes it (a traced CLIP's
+        `blocks.3.hook_resid_post` is its `visual.blocks.3.hook_resid_post`)."""
+        return self._full(name)
+
     def _open(self, images: Tensor):
         """The trace of one forward pass on `images`."""
         return self.model.trace(images)

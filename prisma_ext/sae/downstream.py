@@ -63,7 +63,8 @@ def downstream(model: Any, sae: SparseAutoencoder, site: str, images: Tensor, la
             return mean.to(value).expand_as(value)
 
         ablated = torch.cat([backend.run(x, edit={site: ablate}).output for x in chunks]).float()
-        with splice(target, sae, site, use_error_term=False):
+        spliced_at = backend.model_site(site) if backend.kind == "nnsight" else site  # a traced CLIP's `visual.` name
+        with splice(target, sae, spliced_at, use_error_term=False):
             spliced = torch.cat([backend.run(x).output for x in chunks]).float()
     clean = torch.cat(clean)
     kl_spliced, kl_ablated = _kl(clean, spliced), _kl(clean, ablated)

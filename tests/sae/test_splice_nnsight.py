@@ -275,3 +275,21 @@ def test_a_traced_clip_splices_its_vision_tower():
     assert cache[name].abs().max() > 0
     torch.testing.assert_close(cache[name], tl_cache[name], atol=1e-5, rtol=0)
     assert name not in clip.site_names
+
+
+def test_downstream_on_a_traced_clip_equals_tl():
+    """A traced CLIP's sites are `visual.`-prefixed: downstream splices there and gives the
+    HookedCLIP's scores."""
+    from tests.support.clip_models import small_open_clip
+
+    src = small_open_clip("ViT-B-16", seed=3)
+    tl, traced = px.load(src), px.load(src, backend="nnsight")
+    for m in (tl, traced):
+        m.use_zero_shot_head(["a cat", "a dog", "a car"], ["{}"])
+    images = torch.randn(4, 3, *tl.visual.cfg.img_size, generator=torch.Generator().manual_seed(0))
+    sae = random_sae("topk", d_in=tl.visual.cfg.d_model, d_sae=64)
+    want = downstream(tl, sae, "blocks.1.hook_resid_post", images)
+    got = downstream(traced, sae, "blocks.1.hook_resid_post", images)
+    assert got.keys() == want.keys() and want["kl_spliced"] > 1e-3
+    for key in want:  # kl_recovered is a ratio of two KLs: relative
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
