@@ -204,10 +204,20 @@ def test_image_text_patching_of_the_vision_tower(clips):
     same("ImageTextScore DLA", got, want, far)
 
 
+def test_image_text_patching_of_the_text_tower(clips):
+    """tower='text' on a traced CLIP: the text tower traced as a backend (TracedTextBackend, the
+    source's own text encoder), the TL backend's sweep."""
+    _, tl, traced, other, images, _ = clips
+    clean, corrupted = ["a red circle", "a big square"], ["a blue circle", "a small square"]
+    kw = dict(images=images[:1], tower="text", progress=False)
+    got, want, far = (px.image_text_patching(m, clean, corrupted, **kw) for m in (traced, tl, other))
+    assert got.meta["backend"] == "nnsight"
+    for site in want:
+        same(f"text-tower patching {site}", got[site], want[site], far[site])
+
+
 def test_what_still_needs_a_hooked_clip_is_refused_by_name(clips):
     _, tl, traced, _, images, corrupted = clips
-    with pytest.raises(PrismaError, match="tower='text'.*backend='tl'"):
-        px.image_text_patching(traced, TEXTS[:1], TEXTS[1:2], images=images[:1], tower="text")
     with pytest.raises(InputError, match="needs a HookedCLIP or a TracedCLIP.*got HookedViT"):
         px.clip_decomposition(tl.visual, images)
 

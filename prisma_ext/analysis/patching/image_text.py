@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ...errors import InputError, PrismaError
 from ..backend import TextBackend
-from ..clip_backend import embedding_backend
+from ..clip_backend import TracedTextBackend, embedding_backend
 from ..result import ResultSet
 from ..targets import FunctionTarget, ImageTextScore, is_clip_model
 from .activation import DEFAULT_SITES, activation_patching
@@ -45,10 +45,6 @@ def image_text_patching(clip, clean, corrupted, texts=None, *, images: Tensor | 
     if tower == "visual":
         return _visual(clip, clean, corrupted, texts, positions, kwargs)
     if tower == "text":
-        if embedding_backend(clip, "image_text_patching").kind != "tl":
-            raise PrismaError("image_text_patching(tower='text') patches the text tower, which the nnsight backend "
-                              "does not run as a backend yet: load the CLIP with backend='tl' for it (the vision "
-                              "tower, tower='visual', runs on either backend)")
         return _text(clip, clean, corrupted, images, positions, kwargs)
     raise PrismaError(f"tower must be 'visual' or 'text', got {tower!r}")
 
@@ -72,8 +68,10 @@ def _text(clip, clean, corrupted, images, positions, kwargs) -> ResultSet:
     if clean_tokens.shape != corrupted_tokens.shape:
         raise InputError(f"clean and corrupted prompts differ in shape: {tuple(clean_tokens.shape)} vs "
                          f"{tuple(corrupted_tokens.shape)}")
-    ends_clean = clip.text.pool_positions(clean_tokens)
-    ends_corrupted = clip.text.pool_positions(corrupted_tokens)
+    make = _text_backend(clip)
+    text = make(clean_tokens).vit  # the text tower's HookedTextTransformer (its pooling rule)
+    ends_clean = text.pool_positions(clean_tokens)
+    ends_corrupted = text.pool_positions(corrupted_tokens)
     if not torch.equal(ends_clean, ends_corrupted):
         raise InputError(
             "tower='text' aligns prompts by token position, so each clean/corrupted pair needs the same "
@@ -96,9 +94,16 @@ def _text(clip, clean, corrupted, images, positions, kwargs) -> ResultSet:
 
     if isinstance(positions, str) and positions == "all":
         positions = list(range(int(ends_clean.max()) + 1))
-    backend = TextBackend(clip, _base_tokens(clean_tokens, corrupted_tokens, kwargs.get("direction")))
+    backend = make(_base_tokens(clean_tokens, corrupted_tokens, kwargs.get("direction")))
     return activation_patching(backend, clean_tokens, corrupted_tokens, FunctionTarget(similarity, per_image=True),
                                positions=positions, **kwargs)
+
+
+def _text_backend(clip):
+    """tokens -> the text tower's backend: `TextBackend` (HookedCLIP) or `TracedTextBackend`."""
+    if embedding_backend(clip, "image_text_patching").kind == "tl":
+        return lambda tokens: TextBackend(clip, tokens)
+    return lambda tokens: TracedTextBackend(clip, tokens)
 
 
 def _tokens(clip, texts) -> Tensor:
