@@ -32,10 +32,10 @@ def check_everything_patched(runner: PatchRunner, plan, target, served, m_source
     planned layer, where a restart costs least)."""
     layer, n = max(plan.layers), plan.n_examples
     n_tokens = runner.base_cache[site_name("resid_pre", layer)].shape[1]
-    jobs = Jobs(torch.arange(n), torch.zeros(n, dtype=torch.long), torch.full((n,), -1))
+    jobs = Jobs(torch.arange(n), torch.zeros(n, dtype=torch.long), torch.full((n,), -1), torch.full((n,), layer))
     every = PositionGroups([list(range(n_tokens))], ["every token"], "position")
     with torch.no_grad():
-        output = runner.outputs("resid_pre", layer, jobs, mask=every.mask(n_tokens))
+        output = runner.outputs("resid_pre", jobs, mask=every.mask(n_tokens))
         got = score_rows(target, output, jobs.examples, served)
     check_identity(got, m_source, lambda miss, size: (
         f"activation_patching: patching every token of blocks.{layer}.hook_resid_pre gives {float(got[0]):.4g} "
@@ -98,7 +98,7 @@ def activation_patching(model, clean: Tensor, corrupted: Tensor, target: Any = N
             shape = (n, len(plan.layers), *([len(site_heads)] if site_heads else []), len(plan.groups))
             out = results.setdefault(site, torch.zeros(shape))
             for chunk in jobs.chunks(size):
-                value = score_rows(bound, runner.outputs_across(site, chunk), chunk.examples, served).float().cpu()
+                value = score_rows(bound, runner.outputs(site, chunk), chunk.examples, served).float().cpu()
                 li = torch.tensor([layer_pos[layer] for layer in chunk.layers.tolist()])
                 if site_heads:
                     head_pos = torch.tensor([site_heads.index(h) for h in chunk.heads.tolist()])

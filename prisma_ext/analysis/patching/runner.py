@@ -1,11 +1,10 @@
 """Running patched forward passes, chunk by chunk, and scoring them with the bound target.
 
-`PatchRunner.outputs(site, layer, jobs)` runs one chunk of patched runs: each row is the base
-input with one position group (and head) of one site replaced by the source run's value;
-`outputs_across(site, jobs)` the same for a chunk whose rows patch the site at their own layers
-(one forward pass for runs of several layers, so a sweep takes about runs / chunk passes). Where
-the backend can restart mid-model (`Backend.restart`), the rows start at the (first) patched
-layer from the base run's cached residual stream instead of at the input.
+`PatchRunner.outputs(site, jobs)` runs one chunk of patched runs: each row is the base input
+with one position group (and head) of one site replaced by the source run's value, at the row's
+own layer (one forward pass for runs of several layers, so a sweep takes about runs / chunk
+passes). Where the backend can restart mid-model (`Backend.restart`), the rows start at the
+chunk's first patched layer from the base run's cached residual stream instead of at the input.
 """
 
 from __future__ import annotations
@@ -63,32 +62,14 @@ class PatchRunner:
         n_tokens = next(iter(base_cache.values())).shape[1]
         self.group_mask = plan.groups.mask(n_tokens)
 
-    def outputs(self, site: str, layer: int, jobs: Jobs, mask: Tensor | None = None) -> Tensor:
-        """The outputs [len(jobs), ...] of one chunk of patched runs at (site, layer); `mask`
-        [n_groups, pos]: other position groups than the plan's."""
-        be, name = self.plan.backend, site_name(site, layer)
-        examples = jobs.examples
-        token_mask = (self.group_mask if mask is None else mask)[jobs.groups]
-        source = self.source_cache[name][examples]
-
-        def edit(value: Tensor) -> Tensor:
-            return patch_rows(value, source, token_mask, jobs.heads)
-
-        if not self.restart:
-            return be.run(self.plan.base_input[examples], edit={name: edit}).output
-        resid = self.base_cache[site_name("resid_pre", layer)][examples]
-        images = self.plan.base_input[examples]
-        if site == "resid_pre":
-            return be.restart(edit(resid), layer, {}, examples, images)
-        return be.restart(resid, layer, {name: edit}, examples, images)
-
-    def outputs_across(self, site: str, jobs: Jobs) -> Tensor:
+    def outputs(self, site: str, jobs: Jobs, mask: Tensor | None = None) -> Tensor:
         """The outputs [len(jobs), ...] of one chunk of patched runs at `site`, row i patched at
         layer `jobs.layers[i]` (rows are unchanged at the other layers' edits); with a restart,
         every row starts at the chunk's first layer from the base run's residual stream, which
-        the rows of later layers carry unpatched up to their own layer."""
+        the rows of later layers carry unpatched up to their own layer. `mask` [n_groups, pos]:
+        other position groups than the plan's."""
         be, examples = self.plan.backend, jobs.examples
-        token_mask = self.group_mask[jobs.groups]
+        token_mask = (self.group_mask if mask is None else mask)[jobs.groups]
         layers = sorted(set(jobs.layers.tolist()))
         edits = {}
         for layer in layers:
