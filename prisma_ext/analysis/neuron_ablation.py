@@ -23,7 +23,7 @@ from .clip_decomposition import clip_backend
 from .common import check_batch, layout_for
 from .head_ablation import _classifier
 from .result import AnalysisResult
-from .second_order import _check_layer, _Paths, _sites, linear_effects
+from .second_order import _check_layer, _Paths, _sites, linear_effects, pooled_weights
 from .segmentation import _labels
 
 VARIANTS = ("first_order", "second_order", "both", "model")
@@ -73,7 +73,8 @@ def neuron_ablation(clip: Any, images: Tensor, labels: Any, class_names: Sequenc
             run = backend.run(images, read=_sites(layer, cfg.n_layers))
             site = f"blocks.{layer}.mlp.hook_post"
             act = run.acts[site]
-            first, by_layer = linear_effects(backend, run.acts, act, paths)
+            pooled = pooled_weights(backend, run.acts, paths.D)
+            first, by_layer = linear_effects(backend, run.acts, act, paths, pooled)
             first, second = first.sum(1), by_layer.sum((1, 2))  # [batch, embed]
             embed = run.output.to(first)
             classes, bias = classifier.to(first), class_bias.to(first)
@@ -86,7 +87,7 @@ def neuron_ablation(clip: Any, images: Tensor, labels: Any, class_names: Sequenc
             ablated = backend.run(images, edit={site: lambda v, m=mean_act: m.expand_as(v).clone()}).output.to(first)
             values[row] = torch.tensor([accuracy(embed + shift_first), accuracy(embed + shift_second),
                                         accuracy(embed + shift_first + shift_second), accuracy(ablated)])
-            p_first, p_layers = linear_effects(backend, run.acts, mean_act - act, paths)
+            p_first, p_layers = linear_effects(backend, run.acts, mean_act - act, paths, pooled)
             predicted, real = p_first.sum(1) + p_layers.sum((1, 2)), ablated - embed
             cosines.append(float(torch.nn.functional.cosine_similarity(predicted, real, dim=-1).mean()))
             shares.append(float((predicted.norm(dim=-1) / real.norm(dim=-1).clamp_min(1e-12)).mean()))

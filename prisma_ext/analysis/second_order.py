@@ -148,7 +148,7 @@ def second_order_effects(clip: Any, images: Tensor, layer: int, neurons: Sequenc
     return result
 
 
-def _pooled_weights(backend: Backend, acts: dict[str, Tensor], D: Tensor) -> tuple[Tensor, Tensor]:
+def pooled_weights(backend: Backend, acts: dict[str, Tensor], D: Tensor) -> tuple[Tensor, Tensor]:
     """(c [batch, q], queries [q]): the readout's pooled tokens and what a unit write at each
     counts in the embedding, the final norm's scale frozen at its clean value."""
     final = acts[f"blocks.{backend.cfg.n_layers - 1}.hook_resid_post"].to(D)
@@ -157,12 +157,13 @@ def _pooled_weights(backend: Backend, acts: dict[str, Tensor], D: Tensor) -> tup
     return weights[queries] / backend.readout.final_scale(final)[:, queries, 0], queries
 
 
-def linear_effects(backend: Backend, acts: dict[str, Tensor], act: Tensor, paths: _Paths) -> tuple[Tensor, Tensor]:
+def linear_effects(backend: Backend, acts: dict[str, Tensor], act: Tensor, paths: _Paths,
+                   pooled: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """(first [batch, n, embed], by_layer [batch, n, later, embed]) of activations `act`
     [batch, pos, n] of the paths' neurons, with the patterns and scales of the run `acts`
-    (read at `_sites`): both linear in `act`."""
+    (read at `_sites`) and its `pooled_weights`: both linear in `act`."""
     vit, D = backend.vit, paths.D
-    c, queries = _pooled_weights(backend, acts, D)
+    c, queries = pooled
     act = act.to(D)
     first = torch.einsum("bq,bqn,ne->bne", c, act[:, queries], paths.direct)
     by_layer = []
@@ -179,9 +180,9 @@ def _effects(backend: Backend, images: Tensor, layer: int, neurons: list[int], p
     with torch.no_grad():
         acts = backend.run(images, read=_sites(layer, backend.cfg.n_layers)).acts
         act = acts[f"blocks.{layer}.mlp.hook_post"][..., neurons]  # [batch, pos, n]
-        first, stacked = linear_effects(backend, acts, act, paths)
-        c, queries = _pooled_weights(backend, acts, paths.D)
-        error = _check(backend, images, acts, layer, neurons, c, queries, stacked.sum(1))
+        pooled = pooled_weights(backend, acts, paths.D)
+        first, stacked = linear_effects(backend, acts, act, paths, pooled)
+        error = _check(backend, images, acts, layer, neurons, paths.D, pooled, stacked.sum(1))
 
     layout = layout_for(backend, images)
     labels = [f"L{i}" for i in paths.later]
@@ -200,14 +201,14 @@ def _effects(backend: Backend, images: Tensor, layer: int, neurons: list[int], p
 
 
 def _check(backend: Backend, images: Tensor, acts: dict[str, Tensor], layer: int, neurons: list[int],
-           c: Tensor, queries: Tensor, want: Tensor) -> Tensor:
+           D: Tensor, pooled: tuple[Tensor, Tensor], want: Tensor) -> Tensor:
     """The per-layer effects summed over the neurons, `want` [batch, later, embed], against the
     model's own attention: each later layer's values recomputed (its qkv) from its norm's input
     minus the neurons' write (norm scale frozen), every later pattern frozen at its clean value;
     the change of each layer's attention output at the pooled tokens, through the readout map.
     Returns each image's largest miss [batch]."""
     vit, n_layers = backend.vit, backend.cfg.n_layers
-    D = _readout_map(backend)[0].to(want)
+    c, queries = pooled
     mlp = vit.blocks[layer].mlp
     act = acts[f"blocks.{layer}.mlp.hook_post"]
     write = act[..., neurons] @ mlp.W_out.detach()[neurons].to(act)  # [batch, pos, d_model]
