@@ -137,12 +137,20 @@ def weights_copy(model):
             f"{type(model).__name__} holds no weights here (it was built on the meta device for remote "
             "tracing), and the analysis methods read weights (the unembedding, W_O) locally: load the "
             "model with backend='nnsight' and no remote= for them")
-    stamp = tuple((p.data_ptr(), p._version) for p in module.parameters())
-    cached = model.__dict__.get("_px_weights_copy")
+    adapter = model.adapter
+    return cached_conversion(model, "_px_weights_copy", lambda: HookedViT.from_weights(
+        model.cfg, adapter.weights(module), adapter.class_names(module)))
+
+
+def cached_conversion(model, key: str, build):
+    """`build()` (a conversion of the traced model's weights), kept in `model.__dict__[key]` while
+    its parameters are unchanged (same tensors, same versions); building leaves the global RNG
+    as it was."""
+    stamp = tuple((p.data_ptr(), p._version) for p in model._module.parameters())
+    cached = model.__dict__.get(key)
     if cached is not None and cached[0] == stamp:
         return cached[1]
-    adapter = model.adapter
     with torch.random.fork_rng(devices=[]):
-        vit = HookedViT.from_weights(model.cfg, adapter.weights(module), adapter.class_names(module))
-    model.__dict__["_px_weights_copy"] = (stamp, vit)
-    return vit
+        built = build()
+    model.__dict__[key] = (stamp, built)
+    return built

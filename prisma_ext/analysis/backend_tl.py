@@ -71,14 +71,13 @@ def _as_hook(fn: Edit) -> Callable:
     return lambda value, hook: fn(value)
 
 
-class TextBackend(TLBackend):
-    """A HookedCLIP's text tower on token ids (the TL backend); output: text embeddings."""
+class TextTower:
+    """What a CLIP text tower's backend (either backend) says about its tokens: `tokens`
+    [batch, pos] (the base run's, where the tower pools) on one row, no patch grid, no classes,
+    and no output site."""
 
     has_grid = False
-
-    def __init__(self, clip, tokens: Tensor):
-        super().__init__(clip, clip.text, return_type="embeds")
-        self.tokens = tokens
+    tokens: Tensor
 
     @property
     def output_site(self) -> str | None:
@@ -94,6 +93,14 @@ class TextBackend(TLBackend):
     @property
     def class_names(self):
         return None
+
+
+class TextBackend(TextTower, TLBackend):
+    """A HookedCLIP's text tower on token ids (the TL backend); output: text embeddings."""
+
+    def __init__(self, clip, tokens: Tensor):
+        super().__init__(clip, clip.text, return_type="embeds")
+        self.tokens = tokens
 
     def _continue(self, resid, layer, rows, readout_only) -> Tensor:
         return self.vit.run_from(resid, layer, self.tokens[rows], "embeds")

@@ -21,14 +21,33 @@ from torch import Tensor
 
 from ..errors import InputError, PrismaError
 from .backend_base import Backend
-from .backend_nnsight import NNsightBackend, _tensor_output, weights_copy
-from .backend_tl import TLBackend
+from .backend_nnsight import NNsightBackend, _tensor_output, cached_conversion, weights_copy
+from .backend_tl import TextTower, TLBackend
 
 OUTPUT = "hook_image_embed"
 RETURN_TYPES = ("logits", "embeds")
 
 
-class TracedCLIPBackend(NNsightBackend):
+class _TracedTower(NNsightBackend):
+    """One tower of a TracedCLIP (`tower`: "visual" or "text"): its sites by their unprefixed
+    names, each run one trace of the source's own encoder of that tower."""
+
+    tower = "visual"
+
+    @property
+    def site_names(self) -> list[str]:
+        n = len(self.model.towers[self.tower])
+        return [name[n:] for name in self.model.site_names if self.model.tower_of(name) == self.tower]
+
+    def _full(self, name: str) -> str:
+        return self.model.towers[self.tower] + name
+
+    def _open(self, inputs: Tensor):
+        model = self.model
+        return model.trace(fn=model.encoder(self.tower), **model.tower_inputs(self.tower, inputs))
+
+
+class TracedCLIPBackend(_TracedTower):
     """A TracedCLIP's vision tower (see the module docstring). `return_type`: "logits" (the
     zero-shot logits once a head is installed, else the embedding) or "embeds"."""
 
@@ -39,7 +58,6 @@ class TracedCLIPBackend(NNsightBackend):
         self.head = model.zero_shot_head
         super().__init__(model, tower_copy(model, self.head))
         self.return_type = return_type
-        self.prefix = model.towers["visual"]
 
     @property
     def embeds(self) -> bool:
@@ -50,34 +68,22 @@ class TracedCLIPBackend(NNsightBackend):
     def output_site(self) -> str | None:
         return OUTPUT if self.embeds else None
 
-    @property
-    def site_names(self) -> list[str]:
-        n = len(self.prefix)
-        return [name[n:] for name in self.model.site_names if self.model.tower_of(name) == "visual"]
-
-    def _full(self, name: str) -> str:
-        return self.prefix + name
-
     def _mapped(self, names: list[str]) -> list[str]:
         return super()._mapped([*names, OUTPUT])  # the output is read at its site
-
-    def _open(self, images: Tensor):
-        model = self.model
-        return model.trace(fn=model.encoder("visual"), **model.tower_inputs("visual", images))
 
     def _output(self, tracer, seen: dict[str, Tensor]) -> Tensor:
         embed = seen[OUTPUT]  # [batch, d_proj], after any edit of it
         return embed if self.embeds else F.linear(embed, self.head.weight.to(embed))
 
 
-class TracedTextBackend(NNsightBackend):
+class TracedTextBackend(TextTower, _TracedTower):
     """A TracedCLIP's text tower on token ids (nnsight), as `TextBackend` is a HookedCLIP's: runs
     take token ids [batch, pos] (a trace of the source's own text encoder), sites are the text
     tower's unprefixed names, the output is the text embedding [batch, d_proj]; `tokens` are the
     base run's (as `TextBackend`'s, they say where the tower pools). `vit` is an unprocessed
     conversion of the text tower (`text_copy`), for its config and pooling rule."""
 
-    has_grid = False
+    tower = "text"
 
     def __init__(self, model: Any, tokens: Tensor):
         check_local(model)
@@ -85,30 +91,6 @@ class TracedTextBackend(NNsightBackend):
             raise InputError(f"{type(model._module).__name__} has no text tower")
         super().__init__(model, text_copy(model))
         self.tokens = tokens
-        self.prefix = model.towers["text"]
-
-    @property
-    def layout(self):
-        from ..layout import TokenLayout
-
-        n = self.tokens.shape[1]
-        return TokenLayout(0, 0, 0, (1, n), (1, 1), (1, n))
-
-    @property
-    def class_names(self):
-        return None
-
-    @property
-    def site_names(self) -> list[str]:
-        n = len(self.prefix)
-        return [name[n:] for name in self.model.site_names if self.model.tower_of(name) == "text"]
-
-    def _full(self, name: str) -> str:
-        return self.prefix + name
-
-    def _open(self, tokens: Tensor):
-        model = self.model
-        return model.trace(fn=model.encoder("text"), **model.tower_inputs("text", tokens))
 
     def _output(self, tracer, seen: dict[str, Tensor]) -> Tensor:
         return _tensor_output(self.model, tracer.result)  # the encoder's embedding [batch, d_proj]
@@ -116,21 +98,12 @@ class TracedTextBackend(NNsightBackend):
 
 def text_copy(model: Any):
     """The text tower's HookedTextTransformer (unprocessed), built once per model and weights
-    (as `weights_copy` builds the vision tower's); the global RNG is left as it was."""
-    import torch
-
+    (`cached_conversion`, as `weights_copy` builds the vision tower's)."""
     from ..hooked.text import HookedTextTransformer
 
-    module = model._module
-    stamp = tuple((p.data_ptr(), p._version) for p in module.parameters())
-    cached = model.__dict__.get("_px_text_copy")
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
-    adapter = model.adapter
-    with torch.random.fork_rng(devices=[]):
-        text = HookedTextTransformer.from_weights(adapter.text_config(module), adapter.text_weights(module))
-    model.__dict__["_px_text_copy"] = (stamp, text)
-    return text
+    module, adapter = model._module, model.adapter
+    return cached_conversion(model, "_px_text_copy", lambda: HookedTextTransformer.from_weights(
+        adapter.text_config(module), adapter.text_weights(module)))
 
 
 def check_local(model: Any) -> None:
