@@ -13,7 +13,7 @@ from prisma_ext.analysis.backend import Backend, NNsightBackend, TLBackend
 from prisma_ext.analysis.clip_backend import TracedCLIPBackend
 from prisma_ext.analysis.clip_decomposition import decomposition_scores, text_embeddings
 from prisma_ext.errors import InputError, PrismaError
-from tests.support.clip_models import small_hf_clip, small_open_clip
+from tests.support.clip_models import small_hf_clip, small_open_clip, swapped_attention
 from tests.support.models import module_hooks
 
 ATOL = 1e-5
@@ -220,19 +220,6 @@ def test_what_still_needs_a_hooked_clip_is_refused_by_name(clips):
     _, tl, traced, _, images, corrupted = clips
     with pytest.raises(InputError, match="needs a HookedCLIP or a TracedCLIP.*got HookedViT"):
         px.clip_decomposition(tl.visual, images)
-
-
-def swapped_attention(src) -> dict:
-    """What the attention sites switch for a trace: open_clip's controller bodies, HF configs."""
-    from nnsight.intervention.source import STATE
-
-    found = {}
-    for name, mod in src.named_modules():
-        if isinstance(mod, torch.nn.MultiheadAttention) and STATE in mod.__dict__:
-            found[name] = mod.__dict__[STATE].body
-        elif type(mod).__name__ == "CLIPAttention":
-            found[name] = (mod.config, mod.config._attn_implementation)
-    return found
 
 
 def test_runs_leave_no_state_behind(clips):

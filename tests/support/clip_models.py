@@ -175,3 +175,16 @@ def small_open_clip_hf_text(name: str, seed: int = 0):
         hf_model.AutoConfig, hf_model.AutoModel = real
     model._prisma_arch = name
     return model
+
+
+def swapped_attention(src) -> dict:
+    """What the attention sites switch for a trace: open_clip's controller bodies, HF configs."""
+    from nnsight.intervention.source import STATE
+
+    found = {}
+    for name, mod in src.named_modules():
+        if isinstance(mod, torch.nn.MultiheadAttention) and STATE in mod.__dict__:
+            found[name] = mod.__dict__[STATE].body
+        elif type(mod).__name__ == "CLIPAttention":
+            found[name] = (mod.config, mod.config._attn_implementation)
+    return found

@@ -15,7 +15,7 @@ from nnsight import save
 
 import prisma_ext as px
 from prisma_ext.errors import InputError, PrismaError, UnknownNameError
-from tests.support.clip_models import small_hf_clip, small_open_clip, text_tokens_for
+from tests.support.clip_models import small_hf_clip, small_open_clip, swapped_attention, text_tokens_for
 from tests.support.hidden import HiddenServer, local_simulation_hides_prisma_ext, prisma_ext_hidden
 from tests.support.models import module_hooks
 from tests.support.patcher import reference_patch
@@ -42,19 +42,6 @@ def logits_of(output):
     image, text, scale = output[:3]
     logits = scale * image @ text.T
     return logits + output[3] if len(output) > 3 else logits
-
-
-def swapped_attention(src):
-    """What the attention sites switch for a trace: open_clip's controller bodies, HF configs."""
-    from nnsight.intervention.source import STATE
-
-    found = {}
-    for name, mod in src.named_modules():
-        if isinstance(mod, torch.nn.MultiheadAttention) and STATE in mod.__dict__:
-            found[name] = mod.__dict__[STATE].body
-        elif type(mod).__name__ == "CLIPAttention":
-            found[name] = (mod.config, mod.config._attn_implementation)
-    return found
 
 
 def attention_as_built(model):
