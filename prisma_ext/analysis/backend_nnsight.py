@@ -13,7 +13,7 @@ from .backend_base import Backend, Run, _grad_leaf, _grads
 class NNsightBackend(Backend):
     """A TracedViT (or a CLIP vision tower traced on its own): the original module, traced by
     nnsight; `vit` (default: `weights_copy(model)`) holds its weights. Subclasses say how a trace
-    opens (`_open`), what its output is (`_output`) and where a site name lives (`_full`)."""
+    opens (`_open`), what its output is (`_output`) and where a site name lives (`model_site`)."""
 
     kind = "nnsight"
 
@@ -28,14 +28,10 @@ class NNsightBackend(Backend):
     def site_names(self) -> list[str]:
         return list(self.model.site_names)
 
-    def _full(self, name: str) -> str:
-        """The model's site name for a name `run` takes."""
-        return name
-
     def model_site(self, name: str) -> str:
         """The traced model's own name for site `name` as `run` takes it (a traced CLIP's
         `blocks.3.hook_resid_post` is its `visual.blocks.3.hook_resid_post`)."""
-        return self._full(name)
+        return name
 
     def _open(self, images: Tensor):
         """The trace of one forward pass on `images`."""
@@ -53,8 +49,8 @@ class NNsightBackend(Backend):
         cached = self.__dict__.get("_px_can_restart")
         if cached is None:
             model = self.model
-            cached = all(model.skips_as_output(self._full(f"blocks.{i}.hook_resid_post"))
-                         and self._full(f"blocks.{i}.hook_resid_pre") in model.site_names
+            cached = all(model.skips_as_output(self.model_site(f"blocks.{i}.hook_resid_post"))
+                         and self.model_site(f"blocks.{i}.hook_resid_pre") in model.site_names
                          for i in range(self.cfg.n_layers))
             self.__dict__["_px_can_restart"] = cached
         return cached
@@ -69,7 +65,7 @@ class NNsightBackend(Backend):
         def start(value: Tensor) -> Tensor:
             return resid
         edits = {f"blocks.{layer}.hook_resid_pre": start, **edits}
-        skips = [self._full(f"blocks.{i}.hook_resid_post") for i in range(layer)]
+        skips = [self.model_site(f"blocks.{i}.hook_resid_post") for i in range(layer)]
         return self.run(images, edit=edits, skip=(skips, resid)).output
 
     def run(self, images, read=(), edit=None, grad_of=None, skip: tuple[list[str], Tensor] | None = None) -> Run:
@@ -86,14 +82,14 @@ class NNsightBackend(Backend):
                 torch.set_grad_enabled(grad_of is not None or torch.is_grad_enabled()):
             with self._open(images) as tracer:
                 acts, seen = save({}), {}
-                model.prepare([self._full(n) for n in names])
+                model.prepare([self.model_site(n) for n in names])
                 for full in (skip[0] if skip is not None else ()):
                     model.skip_to(full, skip[1])
                 for name in names:
-                    value = model.site(self._full(name))
+                    value = model.site(self.model_site(name))
                     if name in edit:
                         value = edit[name](value)
-                        model.set_site(self._full(name), value,
+                        model.set_site(self.model_site(name), value,
                                        tokens_change=getattr(edit[name], "changes_tokens", False))
                     seen[name] = value
                     if name in read:

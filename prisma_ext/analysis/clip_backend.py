@@ -39,7 +39,7 @@ class _TracedTower(NNsightBackend):
         n = len(self.model.towers[self.tower])
         return [name[n:] for name in self.model.site_names if self.model.tower_of(name) == self.tower]
 
-    def _full(self, name: str) -> str:
+    def model_site(self, name: str) -> str:
         return self.model.towers[self.tower] + name
 
     def _open(self, inputs: Tensor):

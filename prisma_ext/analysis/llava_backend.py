@@ -94,7 +94,7 @@ class LlavaBackend(NNsightBackend):
         tower = [n[len("visual."):] for n in names if n.startswith("visual.")]
         return tower + [n for n in names if n.startswith("lm.")]
 
-    def _full(self, name: str) -> str:
+    def model_site(self, name: str) -> str:
         return name if name.startswith("lm.") else f"visual.{name}"
 
     def _open(self, images: Tensor):
