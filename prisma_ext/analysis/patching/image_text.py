@@ -68,8 +68,8 @@ def _text(clip, clean, corrupted, images, positions, kwargs) -> ResultSet:
     if clean_tokens.shape != corrupted_tokens.shape:
         raise InputError(f"clean and corrupted prompts differ in shape: {tuple(clean_tokens.shape)} vs "
                          f"{tuple(corrupted_tokens.shape)}")
-    make = _text_backend(clip)
-    text = make(clean_tokens).vit  # the text tower's HookedTextTransformer (its pooling rule)
+    backend = _text_backend(clip, _base_tokens(clean_tokens, corrupted_tokens, kwargs.get("direction")))
+    text = backend.vit  # the text tower's HookedTextTransformer (its pooling rule)
     ends_clean = text.pool_positions(clean_tokens)
     ends_corrupted = text.pool_positions(corrupted_tokens)
     if not torch.equal(ends_clean, ends_corrupted):
@@ -94,16 +94,15 @@ def _text(clip, clean, corrupted, images, positions, kwargs) -> ResultSet:
 
     if isinstance(positions, str) and positions == "all":
         positions = list(range(int(ends_clean.max()) + 1))
-    backend = make(_base_tokens(clean_tokens, corrupted_tokens, kwargs.get("direction")))
     return activation_patching(backend, clean_tokens, corrupted_tokens, FunctionTarget(similarity, per_image=True),
                                positions=positions, **kwargs)
 
 
-def _text_backend(clip):
-    """tokens -> the text tower's backend: `TextBackend` (HookedCLIP) or `TracedTextBackend`."""
-    if embedding_backend(clip, "image_text_patching").kind == "tl":
-        return lambda tokens: TextBackend(clip, tokens)
-    return lambda tokens: TracedTextBackend(clip, tokens)
+def _text_backend(clip, tokens: Tensor):
+    """The text tower's backend on `tokens`: `TextBackend` (a HookedCLIP) or `TracedTextBackend`."""
+    from ...hooked.clip import HookedCLIP
+
+    return TextBackend(clip, tokens) if isinstance(clip, HookedCLIP) else TracedTextBackend(clip, tokens)
 
 
 def _tokens(clip, texts) -> Tensor:
