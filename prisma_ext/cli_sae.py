@@ -110,9 +110,9 @@ def load_images(model: Any, spec: str, n: int, seed: int) -> tuple[Any, Any]:
         from .report.inputs import scene_options, source_of
 
         scenes = make_scenes(n, seed=seed, size=cfg.img_size[0], **scene_options(source_of(model)))
-        mean = torch.tensor(cfg.mean)[:, None, None]
-        std = torch.tensor(cfg.std)[:, None, None]
-        return ((scenes.images - mean) / std).to(dtype=cfg.dtype), scenes
+        from .images import normalize_pixels
+
+        return normalize_pixels(scenes.images, cfg).to(dtype=cfg.dtype), scenes
     folder = Path(spec)
     if not folder.is_dir():
         raise InputError(f"--images {spec!r}: expected {SCENES} or a folder of image files")

@@ -35,6 +35,11 @@ def to_model_input(image, cfg) -> Tensor:
     left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
     image = image.crop((left, top, left + out_w, top + out_h))
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return normalize_pixels(x, cfg).unsqueeze(0).to(cfg.dtype)
+
+
+def normalize_pixels(x: Tensor, cfg) -> Tensor:
+    """Pixels in [0, 1], [..., 3, H, W], normalised with the model's mean and std (float32)."""
     mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
     std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
-    return ((x - mean) / std).unsqueeze(0).to(cfg.dtype)
+    return (x.float() - mean) / std

@@ -33,6 +33,7 @@ def _span_images(ctx: Context) -> Tensor:
     """The report's image and SPAN_SCENES seeded scenes at the model's size (drawn as a built-in
     model's training scenes were), normalised as the model's input: [1 + n, 3, H, W]."""
     from ..data.scenes import make_scenes
+    from ..images import normalize_pixels
     from .inputs import scene_options
 
     cfg = ctx.cfg
@@ -40,9 +41,7 @@ def _span_images(ctx: Context) -> Tensor:
     if height != width:  # the scenes are square; TextSpan then runs on the two report images
         return torch.cat([ctx.x, ctx.x_corrupted])
     scenes = make_scenes(SPAN_SCENES, seed=1, size=height, **scene_options(ctx.source)).images
-    mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
-    return torch.cat([ctx.x, ((scenes - mean) / std).to(ctx.x)])
+    return torch.cat([ctx.x, normalize_pixels(scenes, cfg).to(ctx.x)])
 
 
 def embedding_by_head(ctx: Context, page: Page) -> None:

@@ -101,10 +101,10 @@ def to_input(pixels: np.ndarray, cfg: Any):
     """HxWx3 uint8 pixels already at the model's size -> the normalised input [1, 3, H, W]."""
     import torch
 
+    from ..images import normalize_pixels
+
     x = torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
-    return ((x - mean) / std).unsqueeze(0).to(device=cfg.device, dtype=cfg.dtype)
+    return normalize_pixels(x, cfg).unsqueeze(0).to(device=cfg.device, dtype=cfg.dtype)
 
 
 def to_pixels(x, cfg: Any) -> np.ndarray:
