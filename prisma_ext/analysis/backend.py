@@ -23,6 +23,7 @@ from __future__ import annotations
 from ..errors import PrismaError
 from .backend_base import KINDS, Backend, Edit, Run
 from .backend_nnsight import NNsightBackend, weights_copy
+from .backend_remote import RemoteBackend, remote_clip_backend
 from .backend_tl import TextBackend, TLBackend
 from .clip_backend import traced_clip_backend
 
@@ -40,6 +41,8 @@ def _llava_needs_a_prompt(model) -> Backend:
 KINDS[:] = [
     ("prisma_ext.hooked.vit", "HookedViT", lambda m: TLBackend(m, m)),
     ("prisma_ext.hooked.clip", "HookedCLIP", lambda m: TLBackend(m, m.visual)),
+    ("prisma_ext.traced.remote", "RemoteTracedCLIP", remote_clip_backend),
+    ("prisma_ext.traced.remote", "RemoteTracedViT", RemoteBackend),
     ("prisma_ext.traced.clip", "TracedCLIP", traced_clip_backend),
     ("prisma_ext.traced.llava", "TracedLlava", _llava_needs_a_prompt),
     ("prisma_ext.traced.model", "TracedViT", NNsightBackend),

@@ -117,6 +117,14 @@ class Backend:
         with lock_of(self.root), eval_mode(self.root):
             yield
 
+    def need_weights(self, pattern: str):
+        """`vit`, with its TL parameters matching `pattern` (a regex) present (a remote model
+        fetches them from the server; locally they all are)."""
+        return self.vit
+
+    def require_local(self, method: str, why: str) -> None:
+        """PrismaError naming `method` and `why` where the model runs remotely (here: nothing)."""
+
     def restart(self, resid: Tensor, layer: int, edits: Mapping[str, Edit], rows: Tensor,
                 images: Tensor | None = None) -> Tensor:
         """The output of the forward pass continued from `blocks.{layer}.hook_resid_pre` = resid
@@ -156,18 +164,43 @@ class Backend:
         return forward
 
 
+class Replace:
+    """An edit that is data: value with the masked entries replaced by `source`'s,
+    where(mask, source, value) (mask [.., broadcastable to value]); a remote backend applies it
+    inside its trace without calling prisma-ext code."""
+
+    def __init__(self, mask: Tensor, source: Tensor):
+        self.mask, self.source = mask, source
+
+    def __call__(self, value: Tensor) -> Tensor:
+        return torch.where(self.mask.to(value.device), self.source.to(value), value)
+
+
+class Keep:
+    """The edit `_stash_edits` adds at a site a target reads: `inner` (or nothing), then the
+    value kept in the stash (`store`)."""
+
+    def __init__(self, site: str, inner: Edit | None, stash: dict[str, Tensor]):
+        self.site, self.inner, self.stash = site, inner, stash
+
+    def store(self, value: Tensor) -> None:
+        self.stash[self.site] = value
+
+    def __call__(self, value: Tensor) -> Tensor:
+        value = self.inner(value) if self.inner is not None else value
+        self.store(value)
+        return value
+
+    @property
+    def changes_tokens(self) -> bool:
+        return getattr(self.inner, "changes_tokens", False)
+
+
 def _stash_edits(target: Target, edit: Mapping[str, Edit] | None, stash: dict[str, Tensor]) -> dict[str, Edit]:
     """`edit` plus, for each site the target reads, an edit that keeps its (edited) value."""
     edits = dict(edit or {})
     for site in target.sites:
-        inner = edits.get(site)
-
-        def keep(value: Tensor, site: str = site, inner: Edit | None = inner) -> Tensor:
-            value = inner(value) if inner is not None else value
-            stash[site] = value
-            return value
-
-        edits[site] = keep
+        edits[site] = Keep(site, edits.get(site), stash)
     return edits
 
 

@@ -185,6 +185,9 @@ def captum_attribution(model: Any, images: Tensor, target: Any = None, *, method
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise InputError(f"captum_attribution: {key} must be a positive int, got {value!r}")
     backend = Backend.of(model)
+    backend.require_local("captum_attribution", "Captum differentiates the forward pass with torch autograd, and a "
+                          "remote trace returns values, not their graph (gradient_attention and "
+                          "attribution_patching take gradients inside the trace)")
     return in_chunks(backend, images, target, batch_size, progress, "captum_attribution",
                      lambda x, bound: _attribute(backend, x, bound, method, seed, options))
 

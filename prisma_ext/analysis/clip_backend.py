@@ -111,9 +111,10 @@ def check_local(model: Any) -> None:
     remote = model.__dict__.get("default_remote")
     if remote:
         raise PrismaError(
-            f"{type(model).__name__} runs its traces remotely (remote={remote!r}); the analysis methods trace "
-            "here and read weights (W_O, the projection) locally, so they need the model loaded with "
-            "backend='nnsight' and no remote= (or backend='tl')")
+            f"{type(model).__name__} runs its traces remotely (remote={remote!r}): the analysis methods run "
+            "remotely on its vision tower, but the text tower's (image_text_patching(tower='text')) read the text "
+            "tower's weights here, so they need the model loaded with backend='nnsight' and no remote= "
+            "(or backend='tl')")
     if any(p.is_meta for p in model._module.parameters()):
         raise PrismaError(f"{type(model).__name__} holds no weights here (meta device): the analysis methods "
                           "need real weights; load it with backend='nnsight' and no remote=")
@@ -155,6 +156,11 @@ def embedding_backend(clip: Any, method: str) -> Backend:
         if clip.text_cfg is None:
             raise InputError(f"{method} scores a CLIP image embedding against text and needs both towers; "
                              f"got a vision tower alone ({type(clip._module).__name__})")
+        remote = sys.modules.get("prisma_ext.traced.remote")
+        if remote is not None and isinstance(clip, remote.RemoteTracedCLIP):
+            from .backend_remote import RemoteCLIPBackend
+
+            return RemoteCLIPBackend(clip, return_type="embeds")
         return TracedCLIPBackend(clip, return_type="embeds")
     raise InputError(f"{method} splits a CLIP image embedding and needs a HookedCLIP or a TracedCLIP (a CLIP "
                      "model from px.load('open_clip:...'), px.load('hf:...') or px.load('builtin:shapes-clip'), "

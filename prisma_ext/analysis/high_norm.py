@@ -135,7 +135,7 @@ def _attribute(backend: Backend, images: Tensor, layer: int | None, outliers: Te
     acts = backend.run(images, read=sites).acts
     mid, post, out = (acts[s].float()[mask] for s in sites)  # [n_out, ...]
     direction = out / out.norm(dim=-1, keepdim=True)  # [n_out, d]
-    mlp = backend.vit.blocks[layer].mlp
+    mlp = backend.need_weights(rf"^blocks\.{layer}\.mlp\.fc2\.").blocks[layer].mlp  # W_out, b_out
     w_out = mlp.W_out.detach().float().to(direction.device)  # [d_mlp, d]
     b_out = mlp.b_out
     share = post * (direction @ w_out.T)  # [n_out, d_mlp]
@@ -176,6 +176,8 @@ def test_time_register(model: Any, images: Tensor, neurons: Sequence[int] | Anal
     """
     method = "test_time_register"
     backend = Backend.of(model)
+    backend.require_local(method, "it appends a register token, and a remote site table sets a site only to a "
+                          "value of the same shape")
     if isinstance(neurons, AnalysisResult):
         found = neurons.meta.get("layer")
         if found is None:

@@ -23,7 +23,7 @@ from .clip_decomposition import clip_backend
 from .common import check_batch, layout_for
 from .head_ablation import _classifier
 from .result import AnalysisResult
-from .second_order import _check_layer, _Paths, _sites, linear_effects, pooled_weights
+from .second_order import SECOND_ORDER_REMOTE, _check_layer, _Paths, _sites, linear_effects, pooled_weights
 from .segmentation import _labels
 
 VARIANTS = ("first_order", "second_order", "both", "model")
@@ -58,6 +58,7 @@ def neuron_ablation(clip: Any, images: Tensor, labels: Any, class_names: Sequenc
     method = "neuron_ablation"
     check_batch(images, method)
     backend = clip_backend(clip, method)
+    backend.require_local(method, SECOND_ORDER_REMOTE)
     cfg = backend.cfg
     layers = _check_layers(layers, cfg.n_layers, method)
     classifier, class_bias, names = _classifier(clip, class_names, templates, method)

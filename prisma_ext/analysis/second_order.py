@@ -34,6 +34,10 @@ from .clip_decomposition import _readout_map, _require_sites, clip_backend, text
 from .common import NO_TARGET, in_chunks, layout_for
 from .result import AnalysisResult
 
+# why the second-order methods run on local models only
+SECOND_ORDER_REMOTE = ("it reads every later layer's W_V, block norms and MLP weights and reruns the blocks' own "
+                       "forward to check itself, none of which a remote model holds")
+
 
 def _check_layer(layer: Any, n_layers: int, method: str) -> int:
     if isinstance(layer, bool) or not isinstance(layer, Integral) or not 0 <= layer < n_layers:
@@ -134,6 +138,7 @@ def second_order_effects(clip: Any, images: Tensor, layer: int, neurons: Sequenc
     """
     method = "second_order_effects"
     backend = clip_backend(clip, method)
+    backend.require_local(method, SECOND_ORDER_REMOTE)
     cfg = backend.cfg
     layer = _check_layer(layer, cfg.n_layers, method)
     neurons = _check_neurons(neurons, cfg.d_mlp, method)

@@ -127,7 +127,7 @@ class TracedCLIP(ClipEncoders, TracedModel):
     def example_inputs(self, batch_size: int = 1) -> dict[str, Tensor]:
         """Zero images and token ids (an end-of-text token where the text tower pools) by the
         names the source's forward takes."""
-        cfg, inputs, device = self.cfg, {}, self.device
+        cfg, inputs, device = self.cfg, {}, self.input_device
         if self._inputs.image:
             inputs[self._inputs.image] = torch.zeros(batch_size, cfg.in_chans, *cfg.img_size,
                                                         device=device, dtype=cfg.dtype)

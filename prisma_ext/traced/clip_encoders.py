@@ -93,7 +93,7 @@ class ClipEncoders:
         tok = self.tokenizer
         if tok is None:
             raise PrismaError(f"no tokenizer is available for {type(self._module).__name__}; pass token ids")
-        return tok(texts).to(self.device)
+        return tok(texts).to(self.input_device)
 
     def encode_text(self, texts: Sequence[str] | Tensor, normalize: bool = False) -> Tensor:
         """Prompts (or token ids [n, pos]) -> text embeddings [n, d_proj], traced (eval mode)."""

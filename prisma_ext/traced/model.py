@@ -304,12 +304,18 @@ class TracedModel(NNsight):
     def preprocess(self, image: Any) -> Tensor:
         """An HxWx3 uint8 array or PIL image -> [1, 3, H, W], normalised as the source expects (on
         the model's device; a remote model's inputs stay on the CPU: real pixels, sent with it)."""
-        import torch
 
         from ..images import to_model_input
 
-        device = self.device if self.device.type != "meta" else torch.device("cpu")
-        return to_model_input(image, self.cfg).to(device)
+        return to_model_input(image, self.cfg).to(self.input_device)
+
+    @property
+    def input_device(self) -> Any:
+        """Where inputs are made: the model's device, or the CPU for a model on meta (a remote
+        model's inputs are real values, sent with the request)."""
+        import torch
+
+        return self.device if self.device.type != "meta" else torch.device("cpu")
 
     # ------------------------------------------------------------------ nnsight hooks
     def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -356,7 +362,7 @@ class TracedViT(TracedModel):
         import torch
 
         cfg = self.cfg
-        x = torch.zeros(batch_size, cfg.in_chans, *cfg.img_size, device=self.device,
+        x = torch.zeros(batch_size, cfg.in_chans, *cfg.img_size, device=self.input_device,
                         dtype=cfg.dtype)
         with torch.no_grad():
             _, cache = self.run_with_cache(x)

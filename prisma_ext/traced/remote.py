@@ -31,9 +31,12 @@ import inspect
 import os
 from typing import Any
 
+import torch
 from nnsight.modeling.huggingface import HuggingFaceModel
 from nnsight.modeling.transformers import TransformersModel
+from torch import Tensor
 
+from .._state import eval_mode, lock_of
 from ..errors import PrismaError
 from ..sitemaps import spec
 from ..sitemaps.attention import ExplicitHFAttention
@@ -135,6 +138,17 @@ class _RemoteClient:
     def _px_build(self, repo_id: str, *args: Any, revision: str | None, **kwargs: Any) -> None:
         raise NotImplementedError
 
+    def _px_bind(self, module: Any, adapter: Any) -> None:
+        """As TracedModel's; the configs' device is "cpu" where the module is on meta (inputs are
+        made here and travel with the request; the server moves them to its device)."""
+        import dataclasses
+
+        super()._px_bind(module, adapter)
+        for key in ("_px_config", "_px_text_config"):
+            cfg = self.__dict__.get(key)
+            if cfg is not None and torch.device(cfg.device).type == "meta":
+                self.__dict__[key] = dataclasses.replace(cfg, device="cpu")
+
     def _px_adapter_class(self) -> type:
         raise NotImplementedError
 
@@ -171,6 +185,36 @@ class _RemoteClient:
     def _remoteable_model_key(self) -> str:
         return model_key(self).split(":", 1)[1]
 
+    # ------------------------------------------------------------------ weights, from the server
+    def fetch_parameters(self, names: list[str]) -> dict[str, Tensor]:
+        """The parameters `names` (dotted paths in the module) as the server holds them, saved
+        from one trace on a blank image (the body is plain code: it runs without prisma-ext)."""
+        from nnsight import save
+
+        args, kwargs = self._px_probe()
+        module = self._module
+        with lock_of(module), eval_mode(module), torch.no_grad():
+            with self.trace(*args, **kwargs):
+                params = save({})
+                for name in names:
+                    params[name] = self._module.get_parameter(name).detach()
+        return params
+
+    def _px_probe(self) -> tuple[tuple, dict]:
+        """The inputs of the smallest trace: one blank image."""
+        cfg = self.cfg
+        return (torch.zeros(1, cfg.in_chans, *cfg.img_size),), {}
+
+    def _px_server_value(self, tensor: Tensor | None) -> Tensor | None:
+        """`tensor` (a parameter of the module: meta here) as the server holds it, fetched once."""
+        if tensor is None or not tensor.is_meta:
+            return tensor
+        name = next(n for n, p in self._module.named_parameters() if p is tensor)
+        cache = self.__dict__.setdefault("_px_server_values", {})
+        if name not in cache:
+            cache[name] = self.fetch_parameters([name])[name]
+        return cache[name]
+
 
 class RemoteTracedCLIP(_RemoteClient, RemoteSitesHF, TracedCLIP):
     """A Hugging Face CLIP checkpoint (repo id or saved folder) traced remotely, keyed as nnsight's
@@ -197,6 +241,23 @@ class RemoteTracedCLIP(_RemoteClient, RemoteSitesHF, TracedCLIP):
 
     def _px_check_inputs(self, inputs: tuple, kwargs: dict) -> None:
         TracedCLIP._batch_size(self, *inputs, **kwargs)
+
+    def _px_probe(self) -> tuple[tuple, dict]:
+        cfg = self.cfg
+        return (), {"fn": self.encoder("visual"), **self.tower_inputs("visual", torch.zeros(1, cfg.in_chans,
+                                                                                           *cfg.img_size))}
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """The checkpoint's logit scale, saved from the server (one trace, then kept)."""
+        self._px_live()
+        return self._px_server_value(self._px_adapter.logit_scale(self._module)).reshape(())
+
+    @property
+    def logit_bias(self) -> Tensor | None:
+        self._px_live()
+        bias = self._px_server_value(self._px_adapter.logit_bias(self._module))
+        return None if bias is None else bias.reshape(())
 
 
 class RemoteTracedViT(_RemoteClient, RemoteSitesTransformers, TracedViT):

@@ -114,7 +114,7 @@ def local_simulation_hides_prisma_ext() -> Iterator[list[Blocker]]:
 class HiddenServer(Backend):
     """What an NDIF worker does with a request, on a machine without prisma-ext: deserialise it
     against the server model's persistent objects (its modules, its interleaver), run the body
-    against the envoy that came with it, and hand back what the body bound to `names` (saved, as
+    against the envoy that came with it, and hand back what the body bound of `names` (saved, as
     nnsight's RemoteBackend does). Records the payload size, the envoy's class and state, and the blocker."""
 
     def __init__(self, server, names: tuple[str, ...]):
@@ -135,7 +135,8 @@ class HiddenServer(Backend):
             self.envoy_class = type(restored.envoy)
             self.envoy_state = dict(restored.envoy.__dict__)
             restored.execute(restored.info.code)
-            saved = {k: restored.info.frame.f_locals[k] for k in self.names}
+            local = restored.info.frame.f_locals
+            saved = {k: local[k] for k in self.names if k in local}  # those this body bound
         self.blocker = blocker
         for value in saved.values():
             save(value)

@@ -364,15 +364,17 @@ def test_sites_that_need_prisma_ext_in_the_forward_are_refused_by_name():
     assert sites.select_sites() == ["blocks.0.hook_resid_pre"] and len(sites.site_names) == 4
 
 
-def test_the_analysis_methods_still_refuse_remote_models(saved_clip, saved_vit):
+def test_the_analysis_methods_refuse_a_local_folder_before_sending(saved_clip, saved_vit):
+    """The methods run remotely (tests/traced/test_remote_methods.py); a saved folder, which no
+    server can rebuild, is refused by the first request before anything is sent."""
     from prisma_ext.analysis.backend import Backend
     from prisma_ext.errors import PrismaError
 
     clip = px.load(f"hf:{saved_clip[1]}", backend="nnsight", remote=True)
-    with pytest.raises(PrismaError, match="runs its traces remotely"):
+    with pytest.raises(PrismaError, match="is a local folder"):
         Backend.of(clip)
     vit = px.load(f"hf:{saved_vit[1]}", backend="nnsight", remote=True)
-    with pytest.raises(PrismaError, match="holds no weights here"):
+    with pytest.raises(PrismaError, match="is a local folder"):
         px.logit_lens(vit, images_for(saved_vit[0]))
 
 

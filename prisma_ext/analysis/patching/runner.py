@@ -16,23 +16,24 @@ from torch import Tensor
 
 from ...errors import PrismaError
 from ..backend import Backend
+from ..backend_base import Replace
 from ..targets import Target
 from .plan import Jobs, Plan, site_name
 
 
-def patch_rows(value: Tensor, source: Tensor, token_mask: Tensor, heads: Tensor) -> Tensor:
-    """Replace, row by row, the masked tokens (and one head, where heads >= 0) of `value` with
-    `source`. value/source [n, pos, ...]; token_mask [n, pos]; heads [n]."""
-    mask, heads = token_mask.to(value.device), heads.to(value.device)
-    if value.ndim == 4:  # [n, pos, head, d_head]
-        head_mask = torch.ones(value.shape[0], value.shape[2], dtype=torch.bool, device=value.device)
+def patch_edit(source: Tensor, token_mask: Tensor, heads: Tensor) -> Replace:
+    """The edit that replaces, row by row, the masked tokens (and one head, where heads >= 0) of
+    a value shaped as `source` [n, pos, ...] with `source`'s; token_mask [n, pos]; heads [n]."""
+    mask, heads = token_mask.to(source.device), heads.to(source.device)
+    if source.ndim == 4:  # [n, pos, head, d_head]
+        head_mask = torch.ones(source.shape[0], source.shape[2], dtype=torch.bool, device=source.device)
         picked = heads >= 0
         if picked.any():
-            head_mask[picked] = torch.nn.functional.one_hot(heads[picked], value.shape[2]).bool()
+            head_mask[picked] = torch.nn.functional.one_hot(heads[picked], source.shape[2]).bool()
         mask = mask[:, :, None] & head_mask[:, None, :]
-    while mask.ndim < value.ndim:
+    while mask.ndim < source.ndim:
         mask = mask.unsqueeze(-1)
-    return torch.where(mask, source.to(value.dtype), value)
+    return Replace(mask, source)
 
 
 def output_acts(backend: Backend, target: Target) -> dict[str, str]:
@@ -75,11 +76,7 @@ class PatchRunner:
         for layer in layers:
             name = site_name(site, layer)
             mask = token_mask & (jobs.layers == layer)[:, None]
-            source = self.source_cache[name][examples]
-
-            def edit(value: Tensor, source: Tensor = source, mask: Tensor = mask) -> Tensor:
-                return patch_rows(value, source, mask, jobs.heads)
-            edits[name] = edit
+            edits[name] = patch_edit(self.source_cache[name][examples], mask, jobs.heads)
         images = self.plan.base_input[examples]
         if not self.restart:
             return be.run(images, edit=edits).output
