@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .targets import Target
 
 Edit = Callable[[Tensor], Tensor]
+CLIP_OUTPUT = "hook_image_embed"  # a CLIP vision tower's output site, its image embedding
+CLIP_RETURN_TYPES = ("logits", "embeds")  # what a CLIP vision tower's backend outputs
 
 
 @dataclass
@@ -165,15 +167,17 @@ class Backend:
 
 
 class Replace:
-    """An edit that is data: value with the masked entries replaced by `source`'s,
-    where(mask, source, value) (mask [.., broadcastable to value]); a remote backend applies it
-    inside its trace without calling prisma-ext code."""
+    """An edit that is data: value with the masked entries replaced by the source's,
+    where(mask, source[rows], value) (mask broadcastable to value; `rows` [n] picks each row's
+    source row, None: source is per row); a remote backend applies it inside its trace without
+    calling prisma-ext code, and sends each source row once however many rows use it."""
 
-    def __init__(self, mask: Tensor, source: Tensor):
-        self.mask, self.source = mask, source
+    def __init__(self, mask: Tensor, source: Tensor, rows: Tensor | None = None):
+        self.mask, self.source, self.rows = mask, source, rows
 
     def __call__(self, value: Tensor) -> Tensor:
-        return torch.where(self.mask.to(value.device), self.source.to(value), value)
+        source = self.source if self.rows is None else self.source[self.rows.to(self.source.device)]
+        return torch.where(self.mask.to(value.device), source.to(value), value)
 
 
 class Keep:

@@ -31,9 +31,10 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, PrismaError
+from .backend_base import CLIP_OUTPUT as OUTPUT
+from .backend_base import CLIP_RETURN_TYPES as RETURN_TYPES
 from .backend_base import Keep, Replace, Run, _grad_leaf
 from .backend_nnsight import NNsightBackend
-from .clip_backend import OUTPUT, RETURN_TYPES
 from .remote_weights import FETCHED
 
 REFUSED_EDIT = ("it changes the number of tokens (a test-time register): a remote site table sets a site to a value "
@@ -44,10 +45,11 @@ def _remote_trace(model: Any, args: tuple, kwargs: dict, order: list[str], sets:
                   reads: list[str], output: str, backward: tuple | None) -> tuple[Tensor, dict, dict]:
     """One trace of `model` on its inputs `args` / `kwargs`, plain code only (it runs where the
     model is, without prisma-ext): visit `order` (site names, forward order), setting each site
-    in `sets` ("where", mask, source) / ("set", value), keeping each in `reads`; the raw output
-    is the site `output` where it is one of them, else that attribute of the model's output.
-    `backward` (gradient of the raw output, {site: gradient}): backpropagate their dot product
-    and return the gradient at each read site. -> (raw output, {site: value}, {site: gradient})."""
+    in `sets` to ("where", mask, source, rows): where(mask, source[rows] (rows None: source),
+    value), or ("set", value), and keeping each in `reads`; the raw output is the site `output`
+    where it is one of them, else that attribute of the model's output. `backward` (gradient of
+    the raw output, {site: gradient}): backpropagate their dot product and return the gradient
+    at each read site. -> (raw output, {site: value}, {site: gradient})."""
     from nnsight import save
 
     with model.trace(*args, **kwargs):
@@ -59,7 +61,8 @@ def _remote_trace(model: Any, args: tuple, kwargs: dict, order: list[str], sets:
             change = sets.get(name)
             if change is not None:
                 if change[0] == "where":
-                    value = torch.where(change[1].to(value.device), change[2].to(value), value)
+                    source = change[2] if change[3] is None else change[2][change[3]]
+                    value = torch.where(change[1].to(value.device), source.to(value), value)
                 else:
                     value = change[1].to(value)
                 model.set_site(name, value)
@@ -145,7 +148,7 @@ class RemoteBackend(NNsightBackend):
             if isinstance(fn, Keep):
                 keeps[name] = fn
             if isinstance(inner, Replace):
-                sets[full[name]] = ("where", inner.mask, inner.source)
+                sets[full[name]] = ("where", inner.mask, inner.source, inner.rows)
             elif inner is not None:
                 local.append(name)
         if grad_of is not None and local:

@@ -20,12 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError, PrismaError
+from .backend_base import CLIP_OUTPUT as OUTPUT
+from .backend_base import CLIP_RETURN_TYPES as RETURN_TYPES
 from .backend_base import Backend
 from .backend_nnsight import NNsightBackend, _tensor_output, cached_conversion, weights_copy
 from .backend_tl import TextTower, TLBackend
-
-OUTPUT = "hook_image_embed"
-RETURN_TYPES = ("logits", "embeds")
 
 
 class _TracedTower(NNsightBackend):

@@ -111,15 +111,40 @@ def local_simulation_hides_prisma_ext() -> Iterator[list[Blocker]]:
         Local._hide_local_modules, Local._restore = hide, restore
 
 
+@contextmanager
+def live_classes_kept() -> Iterator[None]:
+    """The by-value classes (`remote_envoy`, `remote_views`) as they were, after: deserialising a
+    request in the process that sent it maps cloudpickle's classes back onto these live ones and
+    sets the methods rebuilt from source on them (functions without a `__module__`, which every
+    later request then pickles with a scan of sys.modules). A server in its own process never
+    touches the client's classes; this keeps the in-process stand-in from doing so."""
+    from prisma_ext.traced import remote_envoy, remote_views
+
+    classes = [c for m in (remote_envoy, remote_views) for c in vars(m).values()
+               if isinstance(c, type) and c.__module__ == m.__name__]
+    kept = {c: dict(vars(c)) for c in classes}
+    try:
+        yield
+    finally:
+        for cls, attrs in kept.items():
+            for name in [n for n in vars(cls) if n not in attrs]:
+                delattr(cls, name)
+            for name, value in attrs.items():
+                if vars(cls).get(name) is not value and name not in ("__dict__", "__weakref__"):
+                    setattr(cls, name, value)
+
+
 class HiddenServer(Backend):
     """What an NDIF worker does with a request, on a machine without prisma-ext: deserialise it
     against the server model's persistent objects (its modules, its interleaver), run the body
     against the envoy that came with it, and hand back what the body bound of `names` (saved, as
-    nnsight's RemoteBackend does). Records the payload size, the envoy's class and state, and the blocker."""
+    nnsight's RemoteBackend does). Records the payload size, the bytes of the tensors handed back,
+    the envoy's class and state, and the blocker."""
 
     def __init__(self, server, names: tuple[str, ...]):
         self.server, self.names = server, names
         self.payload = 0
+        self.returned = 0  # bytes of the tensors handed back
         self.envoy_class: type | None = None
         self.envoy_state: dict = {}
         self.blocker: Blocker | None = None
@@ -130,7 +155,7 @@ class HiddenServer(Backend):
 
         blob = RequestModel.serialize(tracer)
         self.payload = len(blob)
-        with prisma_ext_hidden() as blocker:
+        with live_classes_kept(), prisma_ext_hidden() as blocker:
             restored = RequestModel.deserialize(blob, self.server._remoteable_persistent_objects())
             self.envoy_class = type(restored.envoy)
             self.envoy_state = dict(restored.envoy.__dict__)
@@ -138,6 +163,10 @@ class HiddenServer(Backend):
             local = restored.info.frame.f_locals
             saved = {k: local[k] for k in self.names if k in local}  # those this body bound
         self.blocker = blocker
+        from torch.utils._pytree import tree_flatten
+
+        self.returned = sum(t.numel() * t.element_size() for t in tree_flatten(list(saved.values()))[0]
+                            if hasattr(t, "element_size"))
         for value in saved.values():
             save(value)
         push(tracer.info.frame, saved)

@@ -223,3 +223,27 @@ def test_a_target_that_reads_a_site_takes_its_gradient_through_the_server(clip):
     travels back with the output's and is backpropagated in the second trace."""
     target = px.ImageTextScore(TEXTS[:1])
     clip.compare("gradient_attention ImageTextScore", lambda m: px.gradient_attention(m, clip.images, target))
+
+
+def test_nnsight_s_own_simulation_with_prisma_ext_hidden(vit_rig):
+    """remote="local" (nnsight serialises the request and runs it here, hiding local modules;
+    `local_simulation_hides_prisma_ext` makes that hide real): the same numbers. nnsight's
+    simulation runs on the client's own model, so it loads the weights here first (its design);
+    the server stand-ins above are what keeps a client free of weights."""
+    from tests.support.hidden import local_simulation_hides_prisma_ext
+
+    client = px.load(f"hf:{vit_rig.client.repo_id}", backend="nnsight", remote="local")
+    images, corrupted = vit_rig.images, vit_rig.corrupted
+    with local_simulation_hides_prisma_ext() as hides:
+        lens = px.logit_lens(client, images)
+        saliency = px.gradient_attention(client, images, px.LogitDiff(0, 2))
+        sweep = px.activation_patching(client, images[:2], corrupted[:2], px.LogitDiff(0, 1), sites=["z"],
+                                       positions="rows", progress=False)
+    assert len(hides) >= 4 and all(h.checked and not h.attempts for h in hides)
+    local = vit_rig.local
+    torch.testing.assert_close(lens.values, px.logit_lens(local, images).values, atol=ATOL, rtol=0)
+    torch.testing.assert_close(saliency.values, px.gradient_attention(local, images, px.LogitDiff(0, 2)).values,
+                               atol=ATOL, rtol=0)
+    want = px.activation_patching(local, images[:2], corrupted[:2], px.LogitDiff(0, 1), sites=["z"],
+                                  positions="rows", progress=False)
+    torch.testing.assert_close(sweep["z"].values, want["z"].values, atol=ATOL, rtol=0)

@@ -21,19 +21,20 @@ from ..targets import Target
 from .plan import Jobs, Plan, site_name
 
 
-def patch_edit(source: Tensor, token_mask: Tensor, heads: Tensor) -> Replace:
+def patch_edit(source: Tensor, rows: Tensor, token_mask: Tensor, heads: Tensor) -> Replace:
     """The edit that replaces, row by row, the masked tokens (and one head, where heads >= 0) of
-    a value shaped as `source` [n, pos, ...] with `source`'s; token_mask [n, pos]; heads [n]."""
+    a value [n, pos, ...] with source[rows] (source [examples, pos, ...]: each example's value
+    once; rows [n]: the example of each row); token_mask [n, pos]; heads [n]."""
     mask, heads = token_mask.to(source.device), heads.to(source.device)
     if source.ndim == 4:  # [n, pos, head, d_head]
-        head_mask = torch.ones(source.shape[0], source.shape[2], dtype=torch.bool, device=source.device)
+        head_mask = torch.ones(len(rows), source.shape[2], dtype=torch.bool, device=source.device)
         picked = heads >= 0
         if picked.any():
             head_mask[picked] = torch.nn.functional.one_hot(heads[picked], source.shape[2]).bool()
         mask = mask[:, :, None] & head_mask[:, None, :]
     while mask.ndim < source.ndim:
         mask = mask.unsqueeze(-1)
-    return Replace(mask, source)
+    return Replace(mask, source, rows)
 
 
 def output_acts(backend: Backend, target: Target) -> dict[str, str]:
@@ -76,7 +77,9 @@ class PatchRunner:
         for layer in layers:
             name = site_name(site, layer)
             mask = token_mask & (jobs.layers == layer)[:, None]
-            edits[name] = patch_edit(self.source_cache[name][examples], mask, jobs.heads)
+            used = torch.unique(examples)  # each example's source once; rows index into them
+            rows = torch.searchsorted(used, examples.contiguous())
+            edits[name] = patch_edit(self.source_cache[name][used], rows, mask, jobs.heads)
         images = self.plan.base_input[examples]
         if not self.restart:
             return be.run(images, edit=edits).output
