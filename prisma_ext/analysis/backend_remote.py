@@ -35,6 +35,7 @@ from .backend_base import CLIP_OUTPUT as OUTPUT
 from .backend_base import CLIP_RETURN_TYPES as RETURN_TYPES
 from .backend_base import Keep, Replace, Run, _grad_leaf
 from .backend_nnsight import NNsightBackend
+from .clip_tower import EmbeddingOutput, TowerSites
 from .remote_weights import FETCHED
 
 REFUSED_EDIT = ("it changes the number of tokens (a test-time register): a remote site table sets a site to a value "
@@ -98,14 +99,14 @@ class RemoteBackend(NNsightBackend):
     def can_restart(self) -> bool:
         return False
 
-    def tower(self, vit: Any) -> Any:
+    def with_head(self, vit: Any) -> Any:
         """What `vit` is for this backend, given the converted tower (a CLIP adds its head)."""
         return vit
 
     def need_weights(self, pattern: str) -> Any:
         """`vit`, with the TL parameters matching `pattern` (a regex) fetched from the model in one
         more trip where they are not yet."""
-        self.vit = self.tower(remote_tower(self, self.model, re.compile(pattern)))
+        self.vit = self.with_head(remote_tower(self, self.model, re.compile(pattern)))
         return self.vit
 
     def require_local(self, method: str, why: str) -> None:
@@ -186,7 +187,7 @@ class RemoteBackend(NNsightBackend):
         return Run(output.detach(), {n: values[n] for n in read}, got)
 
 
-class RemoteCLIPBackend(RemoteBackend):
+class RemoteCLIPBackend(EmbeddingOutput, TowerSites, RemoteBackend):
     """A `RemoteTracedCLIP`'s vision tower, as `TracedCLIPBackend` is a TracedCLIP's: each run is
     one trace of the source's image encoder; the output is the image embedding, or the zero-shot
     logits once `use_zero_shot_head` is set (computed here from the embedding the trace returns)."""
@@ -197,9 +198,9 @@ class RemoteCLIPBackend(RemoteBackend):
         if return_type not in RETURN_TYPES:
             raise PrismaError(f"return_type must be one of {RETURN_TYPES} on a traced CLIP, got {return_type!r}")
         self.model, self.head, self.return_type, self.round_trips = model, model.zero_shot_head, return_type, 0
-        super().__init__(model, self.tower(remote_tower(self, model)))
+        super().__init__(model, self.with_head(remote_tower(self, model)))
 
-    def tower(self, vit: Any) -> Any:
+    def with_head(self, vit: Any) -> Any:
         """`vit` with the zero-shot head as its unembedding, on a copy (the cached one keeps none)."""
         import copy
 
@@ -209,31 +210,12 @@ class RemoteCLIPBackend(RemoteBackend):
         vit.set_unembed(self.head.weight.to(device=vit.cfg.device, dtype=vit.cfg.dtype), self.head.class_names)
         return vit
 
-    @property
-    def embeds(self) -> bool:
-        return self.return_type == "embeds" or self.head is None
-
-    @property
-    def output_site(self) -> str | None:
-        return OUTPUT if self.embeds else None
-
-    @property
-    def site_names(self) -> list[str]:
-        n = len(self.model.towers["visual"])
-        return [name[n:] for name in self.model.site_names if self.model.tower_of(name) == "visual"]
-
-    def model_site(self, name: str) -> str:
-        return self.model.towers["visual"] + name
-
-    def _mapped(self, names: list[str]) -> list[str]:
-        return super()._mapped([*names, OUTPUT])  # the output is read at its site
-
     def open_args(self, images: Tensor) -> tuple[tuple, dict]:
         model = self.model
         return (), {"fn": model.encoder("visual"), **model.tower_inputs("visual", images)}
 
     def finish(self, raw: Tensor) -> Tensor:
-        return raw if self.embeds else torch.nn.functional.linear(raw, self.head.weight.to(raw))
+        return self.from_embedding(raw)
 
 
 def remote_tower(backend: RemoteBackend, model: Any, wanted: re.Pattern = FETCHED):

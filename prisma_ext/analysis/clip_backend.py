@@ -16,7 +16,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError, PrismaError
@@ -25,28 +24,19 @@ from .backend_base import CLIP_RETURN_TYPES as RETURN_TYPES
 from .backend_base import Backend
 from .backend_nnsight import NNsightBackend, _tensor_output, cached_conversion, weights_copy
 from .backend_tl import TextTower, TLBackend
+from .clip_tower import EmbeddingOutput, TowerSites
 
 
-class _TracedTower(NNsightBackend):
+class _TracedTower(TowerSites, NNsightBackend):
     """One tower of a TracedCLIP (`tower`: "visual" or "text"): its sites by their unprefixed
     names, each run one trace of the source's own encoder of that tower."""
-
-    tower = "visual"
-
-    @property
-    def site_names(self) -> list[str]:
-        n = len(self.model.towers[self.tower])
-        return [name[n:] for name in self.model.site_names if self.model.tower_of(name) == self.tower]
-
-    def model_site(self, name: str) -> str:
-        return self.model.towers[self.tower] + name
 
     def _open(self, inputs: Tensor):
         model = self.model
         return model.trace(fn=model.encoder(self.tower), **model.tower_inputs(self.tower, inputs))
 
 
-class TracedCLIPBackend(_TracedTower):
+class TracedCLIPBackend(EmbeddingOutput, _TracedTower):
     """A TracedCLIP's vision tower (see the module docstring). `return_type`: "logits" (the
     zero-shot logits once a head is installed, else the embedding) or "embeds"."""
 
@@ -58,21 +48,8 @@ class TracedCLIPBackend(_TracedTower):
         super().__init__(model, tower_copy(model, self.head))
         self.return_type = return_type
 
-    @property
-    def embeds(self) -> bool:
-        """Whether the output is the image embedding (no head, or return_type="embeds")."""
-        return self.return_type == "embeds" or self.head is None
-
-    @property
-    def output_site(self) -> str | None:
-        return OUTPUT if self.embeds else None
-
-    def _mapped(self, names: list[str]) -> list[str]:
-        return super()._mapped([*names, OUTPUT])  # the output is read at its site
-
     def _output(self, tracer, seen: dict[str, Tensor]) -> Tensor:
-        embed = seen[OUTPUT]  # [batch, d_proj], after any edit of it
-        return embed if self.embeds else F.linear(embed, self.head.weight.to(embed))
+        return self.from_embedding(seen[OUTPUT])
 
 
 class TracedTextBackend(TextTower, _TracedTower):
