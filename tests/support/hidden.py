@@ -200,7 +200,7 @@ try:
         restored.execute(restored.info.code)
 finally:
     dec()
-saved = {k: restored.info.frame.f_locals[k] for k in names}
+saved = {k: restored.info.frame.f_locals[k] for k in names if k in restored.info.frame.f_locals}
 report = dict(server=f"{type(server).__module__}.{type(server).__name__}",
               envoy=[f"{c.__module__}.{c.__name__}" for c in envoy.__mro__], state=state,
               attempts=Blocker.attempts, prisma_modules=[m for m in sys.modules if m.split(".")[0] == "prisma_ext"])
@@ -210,7 +210,7 @@ torch.save({"saved": saved, "report": report}, out_path)
 
 class SubprocessServer(Backend):
     """A server in another interpreter without prisma-ext: builds the model from `key` with
-    nnsight alone, deserialises and runs the request, sends back what the body bound to `names`;
+    nnsight alone, deserialises and runs the request, sends back what the body bound of `names`;
     `report` says what it built and ran (classes, envoy state keys, import attempts)."""
 
     def __init__(self, key: str, names: tuple[str, ...], workdir):

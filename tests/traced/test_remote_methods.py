@@ -247,3 +247,27 @@ def test_nnsight_s_own_simulation_with_prisma_ext_hidden(vit_rig):
     want = px.activation_patching(local, images[:2], corrupted[:2], px.LogitDiff(0, 1), sites=["z"],
                                   positions="rows", progress=False)
     torch.testing.assert_close(sweep["z"].values, want["z"].values, atol=ATOL, rtol=0)
+
+
+def test_a_method_runs_on_a_server_in_a_fresh_interpreter(vit_rig, tmp_path, monkeypatch):
+    """The strongest stand-in: each request runs in `python -I` with prisma_ext blocked before
+    anything imports, nnsight's class built from the key by nnsight alone, and cloudpickle
+    rebuilding the envoy's classes from the source in the request. DLA's two requests (the
+    weights, then the run) give the local trace's numbers."""
+    from tests.support.hidden import SubprocessServer
+
+    client = px.load(f"hf:{vit_rig.client.repo_id}", backend="nnsight", remote=True)
+    key, workers, trace = model_key(client, allow_folder=True), [], type(client).trace
+
+    def in_a_fresh_process(model, *args, **kwargs):
+        workers.append(SubprocessServer(key, NAMES, tmp_path))
+        return trace(model, *args, backend=workers[-1], **kwargs)
+
+    monkeypatch.setattr(type(client), "trace", in_a_fresh_process)
+    got = px.direct_logit_attribution(client, vit_rig.images, 1, by=("layer", "head"))
+    want = px.direct_logit_attribution(vit_rig.local, vit_rig.images, 1, by=("layer", "head"))
+    torch.testing.assert_close(got.values, want.values, atol=ATOL, rtol=0)
+    assert len(workers) == 2
+    for worker in workers:
+        assert worker.report["attempts"] == [] and worker.report["prisma_modules"] == []
+    assert not [p for p in client._module.parameters() if not p.is_meta]
