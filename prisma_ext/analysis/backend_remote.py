@@ -35,6 +35,7 @@ from .backend_base import CLIP_OUTPUT as OUTPUT
 from .backend_base import CLIP_RETURN_TYPES as RETURN_TYPES
 from .backend_base import Keep, Replace, Run, _grad_leaf
 from .backend_nnsight import NNsightBackend
+from .backend_tl import TextTower
 from .clip_tower import EmbeddingOutput, TowerSites
 from .remote_weights import FETCHED
 
@@ -216,6 +217,44 @@ class RemoteCLIPBackend(EmbeddingOutput, TowerSites, RemoteBackend):
 
     def finish(self, raw: Tensor) -> Tensor:
         return self.from_embedding(raw)
+
+
+class RemoteTextBackend(TextTower, TowerSites, RemoteBackend):
+    """A `RemoteTracedCLIP`'s text tower on token ids, as `TracedTextBackend` is a TracedCLIP's:
+    each run one trace of the source's text encoder, the output the text embedding (its site,
+    `hook_text_embed`). `vit` is the text tower's skeleton for its config and pooling rule: no
+    weight of it is downloaded (each is `Unfetched`)."""
+
+    tower = "text"
+    raw_output = "text.hook_text_embed"
+
+    def __init__(self, model: Any, tokens: Tensor):
+        if model.text_cfg is None:
+            raise InputError(f"{type(model._module).__name__} has no text tower")
+        self.model, self.round_trips, self.tokens = model, 0, tokens
+        super().__init__(model, text_skeleton(model))
+
+    def _mapped(self, names: list[str]) -> list[str]:
+        return super()._mapped([*names, "hook_text_embed"])  # the output is read at its site
+
+    def open_args(self, tokens: Tensor) -> tuple[tuple, dict]:
+        model = self.model
+        return (), {"fn": model.encoder("text"), **model.tower_inputs("text", tokens)}
+
+
+def text_skeleton(model: Any):
+    """The text tower's HookedTextTransformer built on meta from its config, every parameter
+    `Unfetched` (a remote text tower's backend reads only its config and pooling rule)."""
+    from ..hooked.text import HookedTextTransformer
+    from . import remote_weights as rw
+
+    cfg = model.text_cfg  # device "cpu" (see _RemoteClient)
+
+    def convert(_: torch.nn.Module) -> HookedTextTransformer:
+        with torch.device("meta"):
+            return HookedTextTransformer(cfg).eval()
+
+    return rw.partial_conversion(convert, torch.nn.Module(), {})
 
 
 def remote_tower(backend: RemoteBackend, model: Any, wanted: re.Pattern = FETCHED):

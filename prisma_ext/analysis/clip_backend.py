@@ -87,10 +87,8 @@ def check_local(model: Any) -> None:
     remote = model.__dict__.get("default_remote")
     if remote:
         raise PrismaError(
-            f"{type(model).__name__} runs its traces remotely (remote={remote!r}): the analysis methods run "
-            "remotely on its vision tower, but the text tower's (image_text_patching(tower='text')) read the text "
-            "tower's weights here, so they need the model loaded with backend='nnsight' and no remote= "
-            "(or backend='tl')")
+            f"{type(model).__name__} runs its traces remotely (remote={remote!r}): its backend is the remote one "
+            "(Backend.of(model), backend_remote); this one traces here and reads the weights locally")
     if any(p.is_meta for p in model._module.parameters()):
         raise PrismaError(f"{type(model).__name__} holds no weights here (meta device): the analysis methods "
                           "need real weights; load it with backend='nnsight' and no remote=")

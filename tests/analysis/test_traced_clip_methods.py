@@ -267,14 +267,10 @@ def test_a_vision_tower_alone_is_traced_as_a_vit():
 def test_a_remote_folder_is_refused_before_anything_is_sent(tmp_path):
     """The methods run on a remote CLIP (tests/traced/test_remote_methods.py), but a saved folder
     cannot be rebuilt by a server: the first request (the weights the readout needs) is refused
-    as such, before anything is sent; the text tower's methods are refused by name."""
+    as such, before anything is sent."""
     small_hf_clip(seed=0).save_pretrained(tmp_path)
     remote = px.load(f"hf:{tmp_path}", backend="nnsight", remote=True)
     with pytest.raises(PrismaError, match="is a local folder"):
         Backend.of(remote)
     with pytest.raises(PrismaError, match="is a local folder"):
         px.clip_decomposition(remote, torch.randn(2, 3, 32, 32))
-    from prisma_ext.analysis.clip_backend import TracedTextBackend
-
-    with pytest.raises(PrismaError, match=r"runs its traces remotely.*image_text_patching\(tower='text'\)"):
-        TracedTextBackend(remote, torch.zeros(1, 4, dtype=torch.long))

@@ -218,6 +218,20 @@ def test_clip_methods(clip):
         m, images[:2], clip.corrupted[:2], TEXTS[:2], progress=False))
 
 
+def test_the_text_tower_patched_on_the_server(clip):
+    """tower='text': the text tower runs as its own remote backend (traces of the source's text
+    encoder on token ids); its skeleton gives the pooling rule, and no text weight is fetched."""
+    from prisma_ext.analysis.backend_remote import RemoteTextBackend
+    from prisma_ext.analysis.remote_weights import Unfetched
+
+    clean, corrupted = ["a red circle", "a big square"], ["a blue circle", "a small square"]
+    kw = dict(images=clip.images[:1], tower="text", progress=False)
+    clip.compare("text-tower patching", lambda m: px.image_text_patching(m, clean, corrupted, **kw))
+    skeleton = RemoteTextBackend(clip.client, clip.client.tokenize(clean)).vit
+    unfetched = [v for m in skeleton.modules() for v in vars(m).values() if isinstance(v, Unfetched)]
+    assert unfetched and not list(skeleton.parameters())
+
+
 def test_a_target_that_reads_a_site_takes_its_gradient_through_the_server(clip):
     """ImageTextScore reads the image embedding site (kept by the run): its gradient at that site
     travels back with the output's and is backpropagated in the second trace."""

@@ -99,10 +99,20 @@ def _text(clip, clean, corrupted, images, positions, kwargs) -> ResultSet:
 
 
 def _text_backend(clip, tokens: Tensor):
-    """The text tower's backend on `tokens`: `TextBackend` (a HookedCLIP) or `TracedTextBackend`."""
+    """The text tower's backend on `tokens`: `TextBackend` (a HookedCLIP), `TracedTextBackend`
+    (a TracedCLIP) or `RemoteTextBackend` (a remote one)."""
+    import sys
+
     from ...hooked.clip import HookedCLIP
 
-    return TextBackend(clip, tokens) if isinstance(clip, HookedCLIP) else TracedTextBackend(clip, tokens)
+    if isinstance(clip, HookedCLIP):
+        return TextBackend(clip, tokens)
+    remote = sys.modules.get("prisma_ext.traced.remote")  # not imported: clip cannot be a remote model
+    if remote is not None and isinstance(clip, remote.RemoteTracedCLIP):
+        from ..backend_remote import RemoteTextBackend
+
+        return RemoteTextBackend(clip, tokens)
+    return TracedTextBackend(clip, tokens)
 
 
 def _tokens(clip, texts) -> Tensor:
