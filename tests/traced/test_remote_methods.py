@@ -153,6 +153,23 @@ def test_lens_attribution_and_attention(vit):
     vit.compare("head_patterns", lambda m: px.head_patterns(m, images))
 
 
+def test_a_method_fetches_the_weights_it_needs_beyond_the_readout(vit):
+    """high_norm_tokens splits the outliers by the MLP neurons of their layer with W_out: the
+    remote backend fetches that one matrix (one more trip), nothing else."""
+    got = px.high_norm_tokens(vit.client, vit.images, factor=1.2)
+    want = px.high_norm_tokens(vit.local, vit.images, factor=1.2)
+    layer = want.meta["layer"]
+    assert layer is not None and want.meta["neurons"], "no outliers: the neuron split was not exercised"
+    torch.testing.assert_close(got.values, want.values, atol=ATOL, rtol=0)
+    assert got.meta["neurons"] == want.meta["neurons"]
+    vit_weights = Backend.of(vit.client).vit
+    torch.testing.assert_close(vit_weights.blocks[layer].mlp.W_out, Backend.of(vit.local).vit.blocks[layer].mlp.W_out,
+                               atol=0, rtol=0)
+    other = 1 - layer if layer in (0, 1) else 0
+    with pytest.raises(PrismaError, match="is not downloaded"):
+        vit_weights.blocks[other].mlp.W_out.sum()
+
+
 def test_patching_takes_a_few_traces(vit):
     clean, corrupted = vit.images[:2], vit.corrupted[:2]
 
