@@ -229,6 +229,10 @@ def test_clip_methods(clip):
     clip.compare("clip_decomposition", lambda m: px.clip_decomposition(m, images), parts=("token", "mlp"))
     clip.compare("text_span", lambda m: px.text_span(m, images, TEXTS, heads=[(0, 1), (1, 0)], k=2))
     clip.compare("zero_shot_segmentation", lambda m: px.zero_shot_segmentation(m, images, TEXTS))
+    got, want = (px.head_ablation(m, images, [0, 1, 2]) for m in (clip.client, clip.local))  # accuracies
+    for part in (None, "from_layer", "up_to_layer"):
+        torch.testing.assert_close((got.part(part) if part else got).values, (want.part(part) if part else want).values,
+                                   atol=0, rtol=0, msg=f"head_ablation {part}")
     clip.compare("activation_patching", lambda m: px.activation_patching(
         m, images[:2], clip.corrupted[:2], px.LogitDiff(0, 1), sites=["z"], positions="patches", progress=False))
     clip.compare("image_text_patching", lambda m: px.image_text_patching(
