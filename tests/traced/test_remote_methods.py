@@ -151,6 +151,9 @@ def test_lens_attribution_and_attention(vit):
     # a gradient: the output back here, then nnsight's backward inside a second trace
     assert vit.compare("gradient_attention", lambda m: px.gradient_attention(m, images, px.LogitDiff(0, 2))) == 2
     vit.compare("head_patterns", lambda m: px.head_patterns(m, images))
+    vit.compare("readout_attention", lambda m: px.readout_attention(m, images))
+    saliency = px.attention_rollout(vit.local, images)  # one attribution, scored by each model's deletions
+    vit.compare("faithfulness", lambda m: px.faithfulness(m, images, 1, maps=saliency))
 
 
 def test_a_method_fetches_the_weights_it_needs_beyond_the_readout(vit):
