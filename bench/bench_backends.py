@@ -13,12 +13,11 @@ clean and corrupted runs and the sweep's identity check (every token patched).
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import timm
 import torch
-from timing import interleaved
+from timing import bench_args, interleaved
 
 import prisma_ext as px
 from prisma_ext.analysis.backend import Backend
@@ -46,12 +45,7 @@ class TraceCounter:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_args(rounds=5)
     src = timm.create_model(MODEL, pretrained=False).eval()
     tl, traced = px.load(src), px.load(src, backend="nnsight")
     gen = torch.Generator().manual_seed(0)

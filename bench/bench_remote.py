@@ -16,7 +16,6 @@ position rows) must take at most ceil(runs / chunk) + 3 round trips (issue 14).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support
+
+from timing import bench_args  # noqa: E402
 
 import prisma_ext as px  # noqa: E402
 from prisma_ext.analysis.backend import Backend  # noqa: E402
@@ -59,12 +60,7 @@ def main() -> int:
 
     from prisma_ext.traced.remote import model_key
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_args(rounds=2)
     folder = tempfile.mkdtemp(prefix="bench_remote_")
     src = build(folder)
     client = px.load(f"hf:{folder}", backend="nnsight", remote=True)

@@ -3,9 +3,24 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
+
+
+def bench_args(rounds: int) -> argparse.Namespace:
+    """The benches' common options (--rounds, --batch, --threads), parsed; torch set to the
+    threads asked for."""
+    import torch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 0) -> dict[str, float]:

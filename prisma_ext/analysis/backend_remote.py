@@ -18,8 +18,7 @@ inside the trace. What a method asks of `run` becomes data here:
   same gradient a local run takes. A gradient through an edit that runs here is refused by name.
 
 The weights a method reads come from the model itself (`remote_weights`: the readout and each
-layer's W_O / b_O, saved from one trace); nothing else is downloaded. `round_trips` counts the
-traces sent.
+layer's W_O / b_O, saved from one trace); nothing else is downloaded.
 """
 
 from __future__ import annotations
@@ -91,10 +90,9 @@ class RemoteBackend(NNsightBackend):
     raw_output = "logits"  # the attribute of the model's output, or a site (a CLIP tower's embedding)
 
     def __init__(self, model: Any, vit: Any = None, raw_output: str | None = None):
-        self.model, self.round_trips = model, 0
         if raw_output is not None:
             self.raw_output = raw_output
-        super().__init__(model, vit if vit is not None else remote_tower(self, model))
+        super().__init__(model, vit if vit is not None else remote_tower(model))
 
     @property
     def can_restart(self) -> bool:
@@ -107,7 +105,7 @@ class RemoteBackend(NNsightBackend):
     def need_weights(self, pattern: str) -> Any:
         """`vit`, with the TL parameters matching `pattern` (a regex) fetched from the model in one
         more trip where they are not yet."""
-        self.vit = self.with_head(remote_tower(self, self.model, re.compile(pattern)))
+        self.vit = self.with_head(remote_tower(self.model, re.compile(pattern)))
         return self.vit
 
     def require_local(self, method: str, why: str) -> None:
@@ -131,7 +129,6 @@ class RemoteBackend(NNsightBackend):
              backward: tuple | None = None) -> tuple[Tensor, dict, dict]:
         """One round trip (`_remote_trace`), in the model's own site names."""
         args, kwargs = self.open_args(images)
-        self.round_trips += 1
         with self.running(grad=backward is not None), torch.set_grad_enabled(backward is not None):
             return _remote_trace(self.model, args, kwargs, order, sets, reads, self.raw_output, backward)
 
@@ -198,8 +195,8 @@ class RemoteCLIPBackend(EmbeddingOutput, TowerSites, RemoteBackend):
     def __init__(self, model: Any, return_type: str = "logits"):
         if return_type not in RETURN_TYPES:
             raise PrismaError(f"return_type must be one of {RETURN_TYPES} on a traced CLIP, got {return_type!r}")
-        self.model, self.head, self.return_type, self.round_trips = model, model.zero_shot_head, return_type, 0
-        super().__init__(model, self.with_head(remote_tower(self, model)))
+        self.head, self.return_type = model.zero_shot_head, return_type
+        super().__init__(model, self.with_head(remote_tower(model)))
 
     def with_head(self, vit: Any) -> Any:
         """`vit` with the zero-shot head as its unembedding, on a copy (the cached one keeps none)."""
@@ -231,7 +228,7 @@ class RemoteTextBackend(TextTower, TowerSites, RemoteBackend):
     def __init__(self, model: Any, tokens: Tensor):
         if model.text_cfg is None:
             raise InputError(f"{type(model._module).__name__} has no text tower")
-        self.model, self.round_trips, self.tokens = model, 0, tokens
+        self.tokens = tokens
         super().__init__(model, text_skeleton(model))
 
     def _mapped(self, names: list[str]) -> list[str]:
@@ -246,45 +243,32 @@ def text_skeleton(model: Any):
     """The text tower's HookedTextTransformer built on meta from its config, every parameter
     `Unfetched` (a remote text tower's backend reads only its config and pooling rule)."""
     from ..hooked.text import HookedTextTransformer
-    from . import remote_weights as rw
+    from .remote_weights import settle
 
-    cfg = model.text_cfg  # device "cpu" (see _RemoteClient)
-
-    def convert(_: torch.nn.Module) -> HookedTextTransformer:
-        with torch.device("meta"):
-            return HookedTextTransformer(cfg).eval()
-
-    return rw.partial_conversion(convert, torch.nn.Module(), {})
+    with torch.device("meta"):
+        skeleton = HookedTextTransformer(model.text_cfg).eval()  # cfg.device: "cpu" (see _RemoteClient)
+    return settle(skeleton, {})
 
 
-def remote_tower(backend: RemoteBackend, model: Any, wanted: re.Pattern = FETCHED):
+def remote_tower(model: Any, wanted: re.Pattern = FETCHED):
     """A HookedViT of the model's vision tower whose TL parameters matching `wanted` (and any
     other computed from the same sources) are the model's own, saved from the model in one
     trace (module `remote_weights`), the rest `Unfetched`. What was fetched is kept on the model,
     so a later call fetches only the sources it lacks (no trip when none)."""
-    from ..hooked.load_weights import load_into
-    from ..hooked.processing import process_weights
     from ..hooked.vit import HookedViT
-    from ..hooked.weights import detached_copy
     from . import remote_weights as rw
 
     cfg, adapter, module = model.cfg, model.adapter, model._module  # cfg.device: "cpu" (see _RemoteClient)
     class_names = adapter.class_names(module)
 
     def convert(source: torch.nn.Module) -> HookedViT:
-        weights = detached_copy(adapter.weights(source), dtype=cfg.dtype)
-        process_weights(weights, cfg)
-        with torch.device("meta"):
-            vit = HookedViT(cfg, class_names)
-        load_into(vit, weights)
-        return vit.eval()
+        return HookedViT.from_weights(cfg, adapter.weights(source), class_names, meta=True)
 
     state = model.__dict__.setdefault("_px_remote_weights", {"fetched": {}, "built": None})
     if "lineage" not in state:
         state["lineage"] = rw.lineage(convert, module)
     missing = [n for n in rw.needed_sources(state["lineage"], wanted) if n not in state["fetched"]]
     if missing:
-        backend.round_trips += 1
         state["fetched"].update(model.fetch_parameters(missing))
         state["built"] = None
     if state["built"] is None:

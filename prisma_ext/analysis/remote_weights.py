@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..errors import PrismaError
 
 # The TL parameters a remote model's analysis may read (a HookedViT's own names).
-FETCHED = re.compile(r"^(ln_final\.|head\.|proj(\.|$)|attn_pool\.|fc_norm\.|blocks\.\d+\.attn\.proj\.)")
+FETCHED = re.compile(r"^(ln_final\.|head\.|proj(\.|$)|attn_pool\.|blocks\.\d+\.attn\.proj\.)")
 
 
 class Unfetched:
@@ -172,10 +172,16 @@ def partial_conversion(convert: Callable[[nn.Module], nn.Module], module: nn.Mod
     mode = MetaWins()
     with mode:
         built = convert(source)
+    return settle(built, mode.assigned, device)
+
+
+def settle(built: nn.Module, assigned: dict[int, Tensor], device: Any = None) -> nn.Module:
+    """In place: each parameter of `built` with a value in `assigned` (by id) becomes that value
+    (on `device`), and each other one still on meta an `Unfetched`; returns `built`."""
     for name, param in list(built.named_parameters()):
         owner, _, leaf = name.rpartition(".")
         holder = built.get_submodule(owner) if owner else built
-        value = mode.assigned.get(id(param))
+        value = assigned.get(id(param))
         if value is not None:
             holder._parameters[leaf] = nn.Parameter(value.to(device) if device is not None else value,
                                                     requires_grad=False)

@@ -69,10 +69,17 @@ class HookedViT(CheckedHookedRoot, TowerWeightViews):
 
     @classmethod
     def from_weights(cls, cfg: ViTConfig, weights: ViTWeights,
-                     class_names: Sequence[str] | None = None) -> HookedViT:
-        """Process a copy of `weights` as `cfg` asks (fold_ln, ...) and build the model."""
+                     class_names: Sequence[str] | None = None, meta: bool = False) -> HookedViT:
+        """Process a copy of `weights` as `cfg` asks (fold_ln, ...) and build the model. `meta`:
+        build its modules on the meta device and leave them there (a conversion that follows or
+        assigns the values instead, `analysis.remote_weights`)."""
         weights = detached_copy(weights, dtype=cfg.dtype)
         process_weights(weights, cfg)
+        if meta:
+            with torch.device("meta"):
+                model = cls(cfg, class_names)
+            load_into(model, weights)
+            return model.eval()
         model = cls(cfg, class_names)
         load_into(model, weights)
         return model.to(device=cfg.device, dtype=cfg.dtype).eval()

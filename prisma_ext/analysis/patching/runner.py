@@ -73,12 +73,12 @@ class PatchRunner:
         be, examples = self.plan.backend, jobs.examples
         token_mask = (self.group_mask if mask is None else mask)[jobs.groups]
         layers = sorted(set(jobs.layers.tolist()))
+        used = torch.unique(examples)  # each example's source once; rows index into them
+        rows = torch.searchsorted(used, examples.contiguous())
         edits = {}
         for layer in layers:
             name = site_name(site, layer)
             mask = token_mask & (jobs.layers == layer)[:, None]
-            used = torch.unique(examples)  # each example's source once; rows index into them
-            rows = torch.searchsorted(used, examples.contiguous())
             edits[name] = patch_edit(self.source_cache[name][used], rows, mask, jobs.heads)
         images = self.plan.base_input[examples]
         if not self.restart:
