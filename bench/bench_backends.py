@@ -18,6 +18,7 @@ import math
 import timm
 import torch
 from timing import bench_args, interleaved
+from vit_methods import vit_methods
 
 import prisma_ext as px
 from prisma_ext.analysis.backend import Backend
@@ -51,16 +52,7 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     clean = torch.randn(args.batch, 3, 224, 224, generator=gen)
     corrupted = torch.randn(args.batch, 3, 224, 224, generator=gen)
-    patch_kw = dict(sites=("resid_pre",), positions="rows", progress=False)
-    methods = {
-        "logit_lens": lambda m: px.logit_lens(m, clean),
-        "direct_logit_attribution": lambda m: px.direct_logit_attribution(m, clean, 0),
-        "attention_rollout": lambda m: px.attention_rollout(m, clean),
-        "gradient_attention": lambda m: px.gradient_attention(m, clean, 0),
-        "activation_patching (resid_pre x 12 layers x 14 rows)":
-            lambda m: px.activation_patching(m, clean, corrupted, 0, **patch_kw),
-        "attribution_patching": lambda m: px.attribution_patching(m, clean, corrupted, 0, sites=("resid_pre",)),
-    }
+    methods = vit_methods(clean, corrupted)
     counter = TraceCounter(traced)
     Backend.of(traced)  # the weights copy is built once per model, not per call
     print(f"{MODEL} (random weights), batch {args.batch}, {args.threads} threads, median of {args.rounds} rounds")

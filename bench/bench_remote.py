@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support
 
 from timing import bench_args  # noqa: E402
+from vit_methods import vit_methods  # noqa: E402
 
 import prisma_ext as px  # noqa: E402
 from prisma_ext.analysis.backend import Backend  # noqa: E402
@@ -87,17 +88,8 @@ def main() -> int:
     print(f"HF ViT-S/16 (random weights), batch {args.batch}, {args.threads} threads, in-process server")
     print(f"weights: {len(fetch)} trip, {got / 1e6:.2f} MB of {total / 1e6:.1f} MB downloaded "
           f"({100 * got / total:.1f}%: the readout and each layer's W_O / b_O)")
-    patch_kw = dict(sites=("resid_pre",), positions="rows", progress=False)
-    methods = {
-        "logit_lens": lambda m: px.logit_lens(m, clean),
-        "direct_logit_attribution": lambda m: px.direct_logit_attribution(m, clean, 0),
-        "attention_rollout": lambda m: px.attention_rollout(m, clean),
-        "gradient_attention": lambda m: px.gradient_attention(m, clean, 0),
-        "activation_patching (resid_pre x 12 x 14 rows)": lambda m: px.activation_patching(m, clean, corrupted, 0,
-                                                                                          **patch_kw),
-        "attribution_patching": lambda m: px.attribution_patching(m, clean, corrupted, 0, sites=("resid_pre",)),
-    }
-    print(f"{'method':48s} {'trips':>5s} {'sent MB':>8s} {'back MB':>8s} {'remote s':>9s} {'local s':>8s} "
+    methods = vit_methods(clean, corrupted)
+    print(f"{'method':56s} {'trips':>5s} {'sent MB':>8s} {'back MB':>8s} {'remote s':>9s} {'local s':>8s} "
           f"{'ratio':>6s} {'max diff':>9s}")
     ok = True
     for name, run in methods.items():
@@ -123,7 +115,7 @@ def main() -> int:
             bound = math.ceil(runs / chunk) + 3
             ok = ok and len(trips) <= bound
             note = f"  (<= ceil({runs} / {chunk}) + 3 = {bound}: {'met' if len(trips) <= bound else 'NOT met'})"
-        print(f"{name:48s} {len(trips):5d} {sent:8.2f} {back:8.2f} {r:9.3f} {lo:8.3f} {r / lo:5.2f}x {diff:9.1e}{note}")
+        print(f"{name:56s} {len(trips):5d} {sent:8.2f} {back:8.2f} {r:9.3f} {lo:8.3f} {r / lo:5.2f}x {diff:9.1e}{note}")
         ok = ok and diff <= 1e-5
     print("every result equals the local trace's within 1e-5" if ok else "A RESULT OR THE TRIP BOUND MISSED")
     return 0 if ok else 1
